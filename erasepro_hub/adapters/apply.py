@@ -1,0 +1,199 @@
+"""Applying an erasure to a loaded pipeline, verified, and undoing it.
+
+``load_adapter`` checks everything before it touches the pipeline: file hashes,
+that the manifest's recipe made the adapter, that every site exists with the
+right shape, and (unless ``verify_base=False``) that the pipeline's weights are
+the ones the erasure was computed from. Then it either
+
+* adds ``ΔW x`` with forward hooks (``fuse=False``, the default; undo removes the
+  hooks and the weights were never touched), or
+* fuses: ``W ← W + B A`` computed in float64 and cast once (zero inference
+  overhead); the original weights are kept, so undo restores them bit for bit.
+
+Plain diffusers works too: ``pipe.load_lora_weights(folder,
+weight_name="pytorch_lora_weights.safetensors")`` — without these checks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import BaseMismatchError
+from ..naming import get_module, split_key
+from ..solver import LowRankDelta
+from .fingerprint import dtype_name, weight_fingerprint
+from .folder import ErasureFolder, open_folder
+
+_REGISTRY: "weakref.WeakKeyDictionary[Any, list[AppliedAdapter]]" = weakref.WeakKeyDictionary()
+
+
+def _linear(module: nn.Module) -> nn.Module:
+    """The plain linear layer (unwraps a PEFT LoRA layer's ``base_layer``)."""
+    return getattr(module, "base_layer", module)
+
+
+def resolve_site(target: Any, key: str) -> nn.Module:
+    """The linear layer a site key names on a pipeline (or any object with the components as attributes)."""
+    component, path = split_key(key)
+    root = getattr(target, component, None)
+    if not isinstance(root, nn.Module):
+        raise BaseMismatchError(f"adapter site {key}: the pipeline has no {component}; it was made for another model family")
+    try:
+        module = _linear(get_module(root, path))
+    except KeyError:
+        raise BaseMismatchError(
+            f"adapter site {key}: {component} has no module {path}; the adapter was made for another architecture"
+        ) from None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise BaseMismatchError(f"adapter site {key} is not a linear layer in this pipeline")
+    return module
+
+
+def check_shapes(modules: Mapping[str, nn.Module], deltas: Mapping[str, LowRankDelta]) -> None:
+    for key, delta in deltas.items():
+        shape = tuple(modules[key].weight.shape)
+        if shape != delta.shape:
+            raise BaseMismatchError(
+                f"adapter site {key} expects a weight of shape {delta.shape}, the pipeline's is {shape}: "
+                "the adapter was made for another base model"
+            )
+
+
+def check_fingerprints(modules: Mapping[str, nn.Module], recorded: Mapping[str, Mapping[str, str]], base: str) -> None:
+    """Raise :class:`BaseMismatchError` naming the first module whose weight differs from the recorded base."""
+    for key, module in modules.items():
+        prints = recorded.get(key)
+        if prints is None:
+            raise BaseMismatchError(f"the manifest records no fingerprint for {key}; cannot verify the base weights")
+        dtype = dtype_name(module.weight.dtype)
+        if dtype not in prints:
+            raise BaseMismatchError(
+                f"{key} is in {dtype}; fingerprints are recorded for {', '.join(prints)} only. Load the pipeline in "
+                "one of those dtypes, or pass verify_base=False"
+            )
+        if weight_fingerprint(module.weight) != prints[dtype]:
+            raise BaseMismatchError(
+                f"the pipeline's weights differ from the base this adapter was made for, first at {key}. "
+                f"Load {base}, or pass verify_base=False if you know the weights are equivalent"
+            )
+
+
+@dataclass(eq=False)
+class AppliedAdapter:
+    """An erasure applied to a pipeline; :meth:`remove` undoes it exactly."""
+
+    target: Any
+    modules: dict[str, nn.Module]
+    deltas: dict[str, LowRankDelta]
+    fused: bool
+    source: str = ""
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _handles: list = field(default_factory=list, repr=False)
+    active: bool = True
+
+    def remove(self) -> None:
+        """Undo: remove the hooks, or restore the original weights bit for bit. Idempotent."""
+        if not self.active:
+            return
+        for handle in self._handles:
+            handle.remove()
+        with torch.no_grad():
+            for key, original in self._originals.items():
+                self.modules[key].weight.copy_(original)
+        self._handles.clear()
+        self._originals.clear()
+        self.active = False
+        try:
+            applied = _REGISTRY.get(self.target)
+        except TypeError:  # the target cannot be weakly referenced (e.g. None)
+            applied = None
+        if applied and self in applied:
+            applied.remove(self)
+
+
+def _hook(delta: LowRankDelta, weight: torch.Tensor):
+    A = delta.A.to(device=weight.device, dtype=weight.dtype)
+    B = delta.B.to(device=weight.device, dtype=weight.dtype)
+
+    def forward_hook(module, args, output):
+        x = args[0]
+        return output + (x.to(A.dtype) @ A.T) @ B.T
+
+    return forward_hook
+
+
+@torch.no_grad()
+def apply_deltas(
+    target: Any,
+    modules: Mapping[str, nn.Module],
+    deltas: Mapping[str, LowRankDelta],
+    *,
+    fuse: bool = False,
+    source: str = "",
+) -> AppliedAdapter:
+    """Apply ``deltas`` to the given linear ``modules`` (shapes are checked first)."""
+    modules = {key: modules[key] for key in deltas}
+    check_shapes(modules, deltas)
+    applied = AppliedAdapter(target, dict(modules), dict(deltas), fuse, source)
+    for key, delta in deltas.items():
+        module = modules[key]
+        if fuse:
+            weight = module.weight
+            applied._originals[key] = weight.detach().clone()
+            update = delta.dense(torch.float64).to(weight.device)
+            weight.copy_((weight.double() + update).to(weight.dtype))
+        else:
+            applied._handles.append(module.register_forward_hook(_hook(delta, module.weight)))
+    try:
+        _REGISTRY.setdefault(target, []).append(applied)
+    except TypeError:  # target cannot be weakly referenced; undo still works through the handle
+        pass
+    return applied
+
+
+def load_adapter(
+    pipe: Any,
+    path: str | Path,
+    *,
+    fuse: bool = False,
+    verify_base: bool = True,
+) -> AppliedAdapter:
+    """Apply an erasure folder to a diffusers pipeline, verified; returns a handle whose ``remove()`` undoes it.
+
+    Args:
+        pipe: a loaded ``StableDiffusion[XL]Pipeline`` (or any object with ``unet``/``text_encoder`` attributes).
+        path: an erasure folder written by ``erasepro erase``.
+        fuse: add ``B A`` into the weights (no inference overhead) instead of using forward hooks.
+        verify_base: compare the pipeline's weights with the fingerprints recorded at erase time and refuse a
+            mismatch; ``False`` skips only this check.
+
+    Raises:
+        VerificationError: a file was modified, or the manifest was edited after the erasure was made.
+        BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
+        AdapterFormatError, ManifestError: the folder is not a readable erasure.
+    """
+    folder: ErasureFolder = open_folder(path)
+    deltas = folder.adapter.deltas
+    modules = {key: resolve_site(pipe, key) for key in deltas}
+    check_shapes(modules, deltas)
+    if verify_base:
+        manifest = folder.manifest
+        assert manifest.outputs is not None
+        base = manifest.base_model.id + (f"@{manifest.base_model.revision}" if manifest.base_model.revision else "")
+        check_fingerprints(modules, manifest.outputs.base_fingerprints, base)
+    return apply_deltas(pipe, modules, deltas, fuse=fuse, source=str(folder.path))
+
+
+def unload_adapter(pipe: Any) -> int:
+    """Undo every erasure applied to ``pipe`` with :func:`load_adapter`, newest first; returns how many."""
+    applied = list(_REGISTRY.get(pipe, []))
+    for handle in reversed(applied):
+        handle.remove()
+    return len(applied)

@@ -1,0 +1,195 @@
+"""The adapter file: a diffusers/PEFT LoRA in safetensors, every scale folded into ``B``.
+
+Keys::
+
+    unet.<module path>.lora_A.weight                                           (r × in)
+    unet.<module path>.lora_B.weight                                           (out × r)
+    text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_linear_layer.down.weight   (r × in)
+    text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_linear_layer.up.weight     (out × r)
+    text_encoder_2.…                                                           (SDXL)
+
+The UNet keys are PEFT's (``lora_A``/``lora_B``). The text-encoder keys use
+diffusers' ``lora_linear_layer.down``/``up`` form instead: diffusers 0.42
+converts a text-encoder state dict from PEFT form only for ``q/k/v/out_proj``
+keys, so a file whose text-encoder keys are all ``fc1``/``fc2`` in PEFT form
+fails to load ("Could not automatically infer state dict type"), while the
+``lora_linear_layer`` form loads for every linear. :func:`read_adapter` accepts
+both forms.
+
+No ``lora_adapter_metadata`` and no alphas are written, so diffusers reads each
+module's rank from its ``lora_B`` and uses scale 1.0 everywhere: ``W' = W + B A``
+exactly. The safetensors header carries the recipe hash of the manifest that
+made the file (``erasepro.recipe_sha256``), the tool version and the storage
+format. A *dense* delta is stored exactly as a LoRA too: ``B = I, A = ΔW`` when
+``out ≤ in``, else ``B = ΔW, A = I``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import AdapterFormatError
+from ..solver import LowRankDelta
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+HEADER_RECIPE = "erasepro.recipe_sha256"
+HEADER_VERSION = "erasepro.version"
+HEADER_FORMAT = "erasepro.format"
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_DOWN, _UP = ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"
+
+
+def factor_keys(site: str) -> tuple[str, str]:
+    """``(A key, B key)`` of a site in the adapter file."""
+    if site.startswith("text_encoder"):
+        return site + _DOWN, site + _UP
+    return site + _A, site + _B
+
+
+def _split_factor_key(key: str) -> tuple[str, str] | None:
+    """``(site, "A" | "B")`` for a factor key in either form, else ``None``."""
+    for suffix, which in ((_A, "A"), (_B, "B"), (_DOWN, "A"), (_UP, "B")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], which
+    return None
+
+
+def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
+    """The dense update ``ΔW`` as exact factors with an identity on the smaller side."""
+    dense = delta.dense(torch.float64)
+    m, d = dense.shape
+    if m <= d:
+        return LowRankDelta(torch.eye(m, dtype=torch.float64), dense)
+    return LowRankDelta(dense, torch.eye(d, dtype=torch.float64))
+
+
+def to_state_dict(
+    deltas: Mapping[str, LowRankDelta], *, fmt: str = "lora", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """LoRA tensors for every non-zero delta, keyed by ``<site>.lora_{A,B}.weight``."""
+    if fmt not in ("lora", "dense"):
+        raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
+    state: dict[str, torch.Tensor] = {}
+    for key, delta in deltas.items():
+        if delta.rank == 0:
+            continue
+        stored = dense_as_lora(delta) if fmt == "dense" else delta
+        a_key, b_key = factor_keys(key)
+        state[a_key] = stored.A.to(dtype).contiguous().cpu()
+        state[b_key] = stored.B.to(dtype).contiguous().cpu()
+    return state
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_adapter(
+    path: str | Path,
+    deltas: Mapping[str, LowRankDelta],
+    *,
+    recipe_sha256: str,
+    version: str,
+    fmt: str = "lora",
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Write the adapter file; returns its sha256."""
+    from safetensors.torch import save_file
+
+    state = to_state_dict(deltas, fmt=fmt, dtype=dtype)
+    metadata = {"format": "pt", HEADER_RECIPE: recipe_sha256, HEADER_VERSION: version, HEADER_FORMAT: fmt}
+    save_file(state, str(path), metadata=metadata)
+    return file_sha256(path)
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A read adapter: factors per site (in file order) and the safetensors header metadata."""
+
+    deltas: dict[str, LowRankDelta]
+    metadata: dict[str, str]
+
+    @property
+    def recipe_sha256(self) -> str | None:
+        return self.metadata.get(HEADER_RECIPE)
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """Parse the safetensors header ourselves so that truncation gets a precise message."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise AdapterFormatError(f"{path} is not a safetensors file: only {size} bytes")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, 100 * 1024 * 1024):
+            raise AdapterFormatError(f"{path} is truncated or not a safetensors file (header length {length})")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdapterFormatError(f"{path} has a corrupted safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path} has a corrupted safetensors header")
+    data_size = size - 8 - length
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if ends and max(ends) != data_size:
+        raise AdapterFormatError(
+            f"{path} is truncated or padded: its header describes {max(ends)} bytes of tensors, the file holds {data_size}"
+        )
+    return header, length
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and check an adapter file: every site has an ``A`` and a ``B`` of matching rank."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"adapter file not found: {path}")
+    header, _ = _header(path)
+    metadata = header.get("__metadata__") or {}
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{path} is not a readable safetensors file: {exc}") from None
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = _split_factor_key(key)
+        if parsed is None:
+            raise AdapterFormatError(
+                f"{path}: unexpected tensor {key!r}; every key must end in {_A}, {_B}, {_DOWN} or {_UP}"
+            )
+        site, which = parsed
+        if which in factors.setdefault(site, {}):
+            raise AdapterFormatError(f"{path}: {site} has two {which} factors")
+        factors[site][which] = tensor
+    deltas: dict[str, LowRankDelta] = {}
+    for site, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = "B (up)" if "A" in pair else "A (down)"
+            raise AdapterFormatError(f"{path}: {site} has no {missing} factor")
+        A, B = pair["A"], pair["B"]
+        if not (A.is_floating_point() and B.is_floating_point()) or A.ndim != 2 or B.ndim != 2:
+            raise AdapterFormatError(f"{path}: {site} factors must be 2-D floating-point matrices")
+        if B.shape[1] != A.shape[0] or A.dtype != B.dtype:
+            raise AdapterFormatError(
+                f"{path}: {site} factors do not match: B {tuple(B.shape)} {B.dtype}, A {tuple(A.shape)} {A.dtype}"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterFormatError(f"{path}: {site} holds NaN or infinite values")
+        deltas[site] = LowRankDelta(B, A)
+    return AdapterFile(deltas, dict(metadata))

@@ -1,0 +1,218 @@
+"""The ``erasepro`` command line: thin commands, errors translated once.
+
+Exit codes: 0 ok, 1 a check ran and failed, 2 bad input (the message names the
+problem and the fix). Data goes to stdout, diagnostics and progress to stderr.
+Heavy libraries are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import EraseProError
+
+logger = logging.getLogger("erasepro_hub")
+
+
+def _solve_progress(desc: str):
+    """A progress bar on stderr (hidden when stderr is not a terminal) and its per-stage callback."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="stage", file=sys.stderr, leave=False, disable=None)
+    return bar, lambda name: bar.update(1)
+
+
+def _print_summary(path: Path) -> None:
+    from .manifest import load_manifest
+
+    manifest = load_manifest(path / "erasepro.yaml")
+    m = manifest.metrics or {}
+    print(f"wrote {path}", file=sys.stderr)
+    for key in ("residual_train", "residual_heldout", "preserve_drift", "pooled_residual_train"):
+        if m.get(key) is not None:
+            print(f"  {key:22s} {m[key]:.3e}", file=sys.stderr)
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erase import current_command, erase
+
+    bar, step = _solve_progress("erase")
+    try:
+        out = erase(
+            args.manifest, args.out, overwrite=args.overwrite, device=args.device, progress=step,
+            command=current_command(),
+        )
+    finally:
+        bar.close()
+    _print_summary(out)
+    print(out)
+    return 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    from .erase import current_command, regenerate
+
+    bar, step = _solve_progress("regenerate")
+    try:
+        result = regenerate(
+            args.folder, verify=args.verify, out=args.out, overwrite=args.overwrite, device=args.device,
+            progress=step, command=current_command(),
+        )
+    finally:
+        bar.close()
+    if not args.verify:
+        _print_summary(result)
+        print(result)
+        return 0
+    summary = {
+        "folder": str(result.folder),
+        "ok": result.ok,
+        "max_abs_diff": result.max_abs_diff,
+        "atol": result.atol,
+        "problems": result.problems,
+    }
+    print(json.dumps(summary, indent=2))
+    if result.ok:
+        print(f"verified: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} ≤ {result.atol:.3e}", file=sys.stderr)
+        return 0
+    for problem in result.problems:
+        print(f"verification failed: {problem}", file=sys.stderr)
+    if result.max_abs_diff > result.atol:
+        worst = max(result.per_site, key=result.per_site.get)
+        print(
+            f"verification failed: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} exceeds the recorded "
+            f"tolerance {result.atol:.3e} (worst site {worst})",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .adapters.folder import MANIFEST_FILE, check_files, open_folder
+    from .errors import VerificationError
+    from .manifest import load_manifest
+
+    folder = Path(args.folder)
+    manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)
+    integrity, problem = "ok", None
+    try:
+        if folder.is_dir():
+            check_files(folder, manifest)
+            open_folder(folder)
+    except VerificationError as exc:
+        integrity, problem = "FAILED", str(exc)
+    outputs = manifest.outputs
+    sites = outputs.sites if outputs else []
+    summary = {
+        "name": manifest.name,
+        "base_model": manifest.base_model.id,
+        "revision": manifest.base_model.revision,
+        "method": manifest.method,
+        "concepts": [{"target": c.target, "anchor": c.anchor} for c in manifest.concepts],
+        "token_policy": manifest.solver.token_policy,
+        "text_encoder": manifest.text_encoder.model_dump(),
+        "sites": len(sites),
+        "text_encoder_sites": sum(1 for s in sites if not s.name.startswith("unet.")),
+        "total_rank": sum(s.rank for s in sites),
+        "max_site_residual": max((s.residual for s in sites), default=None),
+        "files": dict(outputs.files) if outputs else {},
+        "metrics": {k: v for k, v in (manifest.metrics or {}).items() if not isinstance(v, dict)},
+        "integrity": integrity,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(f"erasure      {summary['name'] or folder.name}")
+        print(f"base model   {summary['base_model']}" + (f"@{summary['revision']}" if summary["revision"] else ""))
+        te = manifest.text_encoder
+        print(
+            f"method       {manifest.method} (token policy {manifest.solver.token_policy}; text encoder "
+            f"{te.site}, depth {te.depth if te.depth is not None else 'all'}, target mode {te.target_mode})"
+        )
+        for c in manifest.concepts:
+            print(f"concept      {c.target!r} → {c.anchor!r}")
+        print(f"sites        {summary['sites']} ({summary['text_encoder_sites']} text-encoder), total rank {summary['total_rank']}")
+        for name, sha in summary["files"].items():
+            print(f"file         {name}  sha256 {sha[:16]}…")
+        for key, value in summary["metrics"].items():
+            if isinstance(value, float):
+                print(f"metric       {key:24s} {value:.4g}")
+        print(f"integrity    {integrity}")
+    if problem:
+        print(f"integrity check failed: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erasepro",
+        description="Closed-form concept erasure for Stable Diffusion, as verifiable, regenerable adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"erasepro_hub {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more diagnostics on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("erase", help="solve a manifest and write the erasure folder")
+    p.add_argument("manifest", help="the manifest (.yaml)")
+    p.add_argument("--out", help="output folder (default: erasures/<name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", default="cpu", help="torch device for the text encoders (default: cpu)")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("regenerate", help="recompute an erasure from DIR/erasepro.yaml")
+    p.add_argument("folder", help="an erasure folder (or its erasepro.yaml)")
+    p.add_argument("--verify", action="store_true", help="compare with the stored adapter: exit 0 if within tolerance, else 1")
+    p.add_argument("--out", help="where to write the regenerated folder (without --verify; default: DIR-regenerated)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("inspect", help="summarise an erasure folder and check its files")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        for noisy in ("transformers", "diffusers", "huggingface_hub", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            if not args.verbose:
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=".*torchvision.*")
+            return args.func(args)
+    except EraseProError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

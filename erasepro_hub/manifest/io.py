@@ -1,0 +1,162 @@
+"""Reading, writing and hashing manifests.
+
+* Reading rejects duplicate keys and turns every validation problem into a
+  :class:`~erasepro_hub.errors.ManifestError` whose message names the field path
+  (``concepts.0.anchor: field required``) and, for unknown keys, the known ones.
+* Writing is canonical: fields in schema order, every default spelled out,
+  block style, UTF-8; the same manifest always gives the same bytes.
+* :func:`recipe_sha256` hashes the recipe half as canonical JSON (sorted keys),
+  so a manifest and the recipe it was made from hash alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ManifestError
+from .schema import Manifest, Recipe
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style YAML; multi-line strings as literal blocks."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+# ----------------------------------------------------------------------------- errors
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names allowed at ``loc`` (the parent of an unknown key), if resolvable."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        current = _model_in(annotation)
+        if current is None:
+            return None
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> ManifestError:
+    """Turn a pydantic error into a :class:`ManifestError` naming every field path."""
+    problems: list[tuple[str, str]] = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item.get("loc", ()))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        kind = item.get("type", "")
+        msg = item.get("msg", "invalid")
+        if kind == "extra_forbidden":
+            known = _known_keys(model, loc[:-1])
+            msg = f"unknown key '{loc[-1]}'" + (f"; allowed here: {', '.join(known)}" if known else "")
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append((path, msg))
+    lines = "\n".join(f"  - {path}: {msg}" for path, msg in problems)
+    return ManifestError(f"invalid manifest {source}:\n{lines}", problems=problems)
+
+
+# ----------------------------------------------------------------------------- read
+def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
+    """Parse YAML text into a validated :class:`Manifest` (outputs optional)."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"invalid manifest {source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"invalid manifest {source}: the top level must be a mapping of keys "
+            f"(schema_version, base_model, concepts, ...), got {type(data).__name__}",
+            problems=[("(top level)", "must be a mapping")],
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, Manifest, source) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "erasepro.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {path} (give the path of a .yaml manifest)") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"invalid manifest {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from None
+    return parse_manifest(text, source=str(path))
+
+
+# ----------------------------------------------------------------------------- write / hash
+def to_data(model: BaseModel) -> dict:
+    """JSON-compatible data, every default spelled out, in schema order."""
+    return model.model_dump(mode="json")
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """Canonical YAML for a manifest or recipe."""
+    return yaml.dump(
+        to_data(model), Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
+    )
+
+
+def canonical_json(data: Any) -> bytes:
+    """Sorted-key, compact, UTF-8 JSON: the byte form that hashes are taken of."""
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    """The stable content hash of a recipe (a :class:`Manifest` is reduced to its recipe first)."""
+    if isinstance(recipe, Manifest):
+        recipe = recipe.recipe()
+    return hashlib.sha256(canonical_json(to_data(recipe))).hexdigest()

@@ -1,0 +1,301 @@
+"""The manifest: one YAML file that says how an erasure was made and lets anyone remake it.
+
+A manifest has two halves. The *recipe* (:class:`Recipe`) is the input: base model,
+method, concepts, prompts and every solver setting. ``erase`` then adds
+``outputs`` (file hashes, weight fingerprints, per-site records), ``metrics`` and
+``provenance``, giving a resolved :class:`Manifest`. ``regenerate`` needs nothing
+but the recipe (and the base model). Every model is frozen and rejects unknown
+keys, so a typo is an error that names the field, never a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+BUILTIN_PREFIX = "builtin:"
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _template_check(value: str) -> str:
+    if value.count("{}") != 1:
+        raise ValueError(f"template {value!r} must contain exactly one '{{}}' where the concept goes")
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"template {value!r} must be a single line")
+    return value
+
+
+#: A prompt template: one line with exactly one ``{}`` where the concept goes.
+Template = Annotated[str, AfterValidator(_template_check)]
+
+
+# ----------------------------------------------------------------------------- recipe parts
+class BaseModelRef(_Strict):
+    """Which model is edited.
+
+    ``id`` is ``builtin:<name>`` (an embedded model built in code), a local diffusers
+    folder (an absolute path, or one starting with ``./``, ``../`` or ``~``), or a Hub
+    repository ``org/name``. ``revision`` applies to Hub ids: a branch, tag or commit;
+    ``erase`` records the 40-hex commit it resolved to.
+    """
+
+    id: str = Field(min_length=1)
+    revision: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, value: str) -> str:
+        if value != value.strip() or not value:
+            raise ValueError("must not be empty or carry surrounding whitespace")
+        if value.startswith(BUILTIN_PREFIX) or _is_local_path(value) or HUB_ID_RE.match(value):
+            return value
+        raise ValueError(
+            f"{value!r} is neither 'builtin:<name>', a local folder (start it with '/', './', '../' "
+            "or '~'), nor a Hub repository id 'org/name'"
+        )
+
+    @model_validator(mode="after")
+    def _revision_only_for_hub(self) -> "BaseModelRef":
+        if self.revision is not None and self.kind != "hub":
+            raise ValueError(f"revision applies to Hub repositories only; remove it for {self.kind} base models")
+        if self.revision is not None and not self.revision.strip():
+            raise ValueError("revision must not be empty")
+        return self
+
+    @property
+    def kind(self) -> Literal["builtin", "local", "hub"]:
+        if self.id.startswith(BUILTIN_PREFIX):
+            return "builtin"
+        return "local" if _is_local_path(self.id) else "hub"
+
+    @property
+    def builtin_name(self) -> str:
+        return self.id[len(BUILTIN_PREFIX) :]
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+
+
+class Concept(_Strict):
+    """One erasure: prompts about ``target`` should behave like prompts about ``anchor``.
+
+    ``anchor`` may be the empty string (UCE's choice for objects) but must be given.
+    """
+
+    target: str = Field(min_length=1)
+    anchor: str
+
+    @field_validator("target")
+    @classmethod
+    def _non_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("target", "anchor")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if "\n" in value or "\r" in value:
+            raise ValueError("must be a single line")
+        return value
+
+
+class Prompts(_Strict):
+    """Prompt templates; ``{}`` is replaced by the target (and, paired, the anchor)."""
+
+    templates: list[Template] = Field(min_length=1)
+
+
+class Preserve(_Strict):
+    """Concepts whose features should not move (DESIGN §2.2).
+
+    ``mode``: ``soft`` (weighted, no capacity cost), ``exact`` (``ΔW P = 0``; uses
+    capacity) or ``none``. ``templates`` defaults to the prompt templates.
+    """
+
+    concepts: list[str] = Field(default_factory=list)
+    templates: list[Template] | None = None
+    mode: Literal["none", "soft", "exact"] = "soft"
+    weight: float = Field(default=1.0, ge=0)
+
+    @field_validator("concepts")
+    @classmethod
+    def _non_blank(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.strip():
+                raise ValueError("preserve concepts must not be blank")
+        return value
+
+
+class PromptPair(_Strict):
+    """An explicit held-out pair: a prompt about the target and its anchor counterpart."""
+
+    target: str = Field(min_length=1)
+    anchor: str
+
+
+class Evaluation(_Strict):
+    """Prompts the solver never sees, used only for metrics."""
+
+    heldout_templates: list[Template] = Field(default_factory=list)
+    heldout_prompts: list[PromptPair] = Field(default_factory=list)
+    preserve_prompts: list[str] = Field(default_factory=list)
+
+
+class TextEncoderSettings(_Strict):
+    """Progressive text-encoder stages (DESIGN §2.4); used by ``method: erasepro`` only.
+
+    ``site``: the linear edited in each layer. ``depth``: how many layers, from the
+    first (``null``: every layer that feeds the prompt embedding). ``target_mode``:
+    ``site`` (the site outputs what it output for the anchor) or ``stream`` (the
+    layer's residual stream equals the anchor's; ``mlp.fc2`` and
+    ``self_attn.out_proj`` only). ``pooled`` (SDXL): ``match`` also edits the
+    last layer of ``text_encoder_2`` so the pooled embedding of the target prompts
+    equals the anchor's; ``ignore`` leaves it alone.
+    """
+
+    site: Literal["mlp.fc2", "mlp.fc1", "self_attn.out_proj"] = "mlp.fc2"
+    depth: int | None = Field(default=None, ge=0)
+    target_mode: Literal["site", "stream"] = "site"
+    pooled: Literal["match", "ignore"] = "match"
+
+    @model_validator(mode="after")
+    def _stream_sites(self) -> "TextEncoderSettings":
+        if self.target_mode == "stream" and self.site == "mlp.fc1":
+            raise ValueError(
+                "target_mode 'stream' needs a site whose output is added to the residual stream: "
+                "use site mlp.fc2 or self_attn.out_proj, or target_mode 'site'"
+            )
+        return self
+
+
+class SolverSettings(_Strict):
+    """Numerics shared by every stage. See :mod:`erasepro_hub.solver` for the definitions."""
+
+    token_policy: Literal["concept-suffix", "last-token", "eos", "all"] = "concept-suffix"
+    rank_rtol: float = Field(default=1e-6, gt=0, lt=1)
+    ridge: float = Field(default=0.0, ge=0)
+    residual_tol: float = Field(default=1e-6, gt=0)
+    strict: bool = False
+    dtype: Dtype = "float32"
+
+
+class UCESettings(_Strict):
+    """UCE baseline settings (published defaults)."""
+
+    lam: float = Field(default=0.5, gt=0)
+    erase_scale: float = Field(default=1.0, ge=0)
+    preserve_scale: float = Field(default=1.0, ge=0)
+
+
+class AdapterSettings(_Strict):
+    """How the deltas are stored: ``lora`` (exact factors) or ``dense`` (ΔW stored as a LoRA)."""
+
+    format: Literal["lora", "dense"] = "lora"
+    dtype: Dtype = "float32"
+
+
+class Recipe(_Strict):
+    """Everything ``erase`` needs; its canonical hash identifies an erasure."""
+
+    schema_version: Literal[1]
+    name: str | None = None
+    description: str | None = None
+    base_model: BaseModelRef
+    method: Literal["erasepro", "erasepro-kv", "uce"] = "erasepro"
+    concepts: list[Concept] = Field(min_length=1)
+    prompts: Prompts
+    preserve: Preserve = Field(default_factory=Preserve)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    solver: SolverSettings = Field(default_factory=SolverSettings)
+    text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
+    uce: UCESettings = Field(default_factory=UCESettings)
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_RE.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (at most 96), starting with a letter or digit")
+        return value
+
+    @field_validator("concepts")
+    @classmethod
+    def _distinct_targets(cls, value: list[Concept]) -> list[Concept]:
+        targets = [c.target for c in value]
+        if len(set(targets)) != len(targets):
+            raise ValueError("each target may appear only once")
+        return value
+
+
+# ----------------------------------------------------------------------------- outputs
+class SiteRecord(_Strict):
+    """What was done to one edited linear layer."""
+
+    name: str
+    stage: str
+    shape: list[int]
+    rank: int
+    n_constraints: int
+    residual: float
+    condition: float
+    delta_norm: float
+    delta_norm_rel: float
+
+
+class Outputs(_Strict):
+    """Written by ``erase``: what was produced and how to check it."""
+
+    recipe_sha256: str
+    adapter_file: str
+    files: dict[str, str]
+    base_fingerprints: dict[str, dict[str, str]]
+    sites: list[SiteRecord]
+    regenerate_atol: float = Field(gt=0)
+
+    @field_validator("recipe_sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if not SHA256_RE.match(value):
+            raise ValueError("must be a lower-case hex sha256")
+        return value
+
+
+class Provenance(_Strict):
+    tool_version: str
+    python: str
+    platform: str
+    device: str
+    libraries: dict[str, str]
+    command: list[str]
+    created_at: str
+    solve_seconds: float
+
+
+class Manifest(Recipe):
+    """A resolved manifest: the recipe plus what ``erase`` produced."""
+
+    outputs: Outputs | None = None
+    metrics: dict[str, Any] | None = None
+    provenance: Provenance | None = None
+
+    def recipe(self) -> Recipe:
+        """The input half, exactly as ``regenerate`` uses it."""
+        data = self.model_dump(mode="json", exclude={"outputs", "metrics", "provenance"})
+        return Recipe.model_validate(data)
+
+
+RECIPE_FIELDS = tuple(Recipe.model_fields)

@@ -1,0 +1,173 @@
+"""What the solver needs from a Stable Diffusion model, and nothing more.
+
+An :class:`EditModel` holds the tokenizer(s), the text encoder(s) and the UNet's
+cross-attention ``to_k``/``to_v`` weights — never the UNet itself, the VAE or the
+scheduler: the solve runs no UNet forward. It is built from a loaded pipeline
+(:meth:`EditModel.from_pipeline`) or from a diffusers folder by reading single
+tensors (:func:`erasepro_hub.models.loading.load_edit_model`).
+
+Sites are named by their LoRA module keys (:mod:`erasepro_hub.naming`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..naming import KV_SUFFIXES, TE_LAYER_KEY, get_module
+
+TE_SITES = ("mlp.fc2", "mlp.fc1", "self_attn.out_proj")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a family uses one text encoder.
+
+    ``embed``: ``last`` — the prompt embedding is ``last_hidden_state`` (final layer
+    norm applied; SD 1.x/2.x); ``penultimate`` — it is ``hidden_states[-2]`` (no final
+    norm; SDXL). ``pooled``: the projected EOS embedding also conditions the UNet
+    (SDXL's ``text_encoder_2``).
+    """
+
+    component: str
+    embed: Literal["last", "penultimate"]
+    pooled: bool = False
+
+
+FAMILIES: dict[str, tuple[EncoderSpec, ...]] = {
+    "sd1": (EncoderSpec("text_encoder", "last"),),
+    "sd2": (EncoderSpec("text_encoder", "last"),),
+    "sdxl": (EncoderSpec("text_encoder", "penultimate"), EncoderSpec("text_encoder_2", "penultimate", pooled=True)),
+}
+
+
+def _natural_key(name: str) -> tuple:
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    parts = re.split(r"(\d+)", name)
+    head = name.split(".")[1] if name.count(".") > 1 else name
+    return (order.get(head, 3), [int(p) if p.isdigit() else p for p in parts])
+
+
+def sort_sites(keys) -> list[str]:
+    """Cross-attention keys in UNet order, shallow to deep: down blocks, mid block, up blocks."""
+    return sorted(keys, key=_natural_key)
+
+
+@dataclass
+class TextEncoder:
+    """One text encoder with its tokenizer, as a family uses it."""
+
+    spec: EncoderSpec
+    model: nn.Module
+    tokenizer: Any
+
+    @property
+    def component(self) -> str:
+        return self.spec.component
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return get_module(self.model, "text_model.encoder.layers")  # type: ignore[return-value]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def embed_layers(self) -> int:
+        """How many layers, from the first, feed the prompt embedding."""
+        return self.num_layers if self.spec.embed == "last" else self.num_layers - 1
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def site_key(self, layer: int, site: str) -> str:
+        return TE_LAYER_KEY.format(component=self.component, layer=layer, site=site)
+
+    def site_module(self, layer: int, site: str) -> nn.Linear:
+        return get_module(self.layers[layer], site)  # type: ignore[return-value]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return get_module(self.model, "text_model.final_layer_norm")
+
+
+@dataclass
+class EditModel:
+    """Tokenizers, text encoders and cross-attention weights of one SD model.
+
+    ``kv_weights`` maps ``unet.<path>.attn2.to_k|to_v`` to the original weights
+    (``m × d``), in UNet order; they are never modified in place.
+    """
+
+    family: str
+    text_encoders: list[TextEncoder]
+    kv_weights: dict[str, torch.Tensor]
+    source: str
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        if not self.kv_weights:
+            raise UnsupportedModelError(
+                f"{self.source}: no UNet cross-attention (attn2.to_k / attn2.to_v) weights found; "
+                "erasepro_hub edits Stable Diffusion 1.x, 2.x and XL UNets"
+            )
+        widths = {w.shape[1] for w in self.kv_weights.values()}
+        if len(widths) != 1:
+            raise UnsupportedModelError(f"{self.source}: cross-attention weights read inputs of widths {sorted(widths)}")
+        expected = sum(te.model.config.hidden_size for te in self.text_encoders)
+        if widths != {expected}:
+            raise UnsupportedModelError(
+                f"{self.source}: the UNet's cross-attention reads width {widths.pop()}, but the text encoder(s) "
+                f"give {expected}"
+            )
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return next(iter(self.kv_weights.values())).shape[1]
+
+    def encoder(self, component: str) -> TextEncoder:
+        for te in self.text_encoders:
+            if te.component == component:
+                return te
+        raise KeyError(component)
+
+    def weight(self, key: str) -> torch.Tensor:
+        """The original weight of any edit site, by its LoRA module key."""
+        if key in self.kv_weights:
+            return self.kv_weights[key]
+        component, _, path = key.partition(".")
+        return get_module(self.encoder(component).model, path).weight
+
+    @classmethod
+    def from_pipeline(cls, pipe, *, family: str | None = None, source: str = "pipeline") -> "EditModel":
+        """View a loaded diffusers pipeline (shares its tensors; modifies nothing)."""
+        family = family or detect_family_from_pipeline(pipe)
+        encoders = []
+        for index, spec in enumerate(FAMILIES[family]):
+            tokenizer = getattr(pipe, "tokenizer" if index == 0 else f"tokenizer_{index + 1}")
+            encoders.append(TextEncoder(spec, getattr(pipe, spec.component), tokenizer))
+        kv = {
+            f"unet.{name}": module.weight.detach()
+            for name, module in pipe.unet.named_modules()
+            if name.endswith(KV_SUFFIXES)
+        }
+        kv = {key: kv[key] for key in sort_sites(kv)}
+        first = encoders[0].model
+        return cls(family, encoders, kv, source, dtype=first.dtype, device=first.device)
+
+
+def detect_family_from_pipeline(pipe) -> str:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    te = getattr(pipe, "text_encoder", None)
+    if te is None:
+        raise UnsupportedModelError(f"{type(pipe).__name__} has no text encoder; expected an SD 1.x/2.x/XL pipeline")
+    return "sd2" if te.config.hidden_size == 1024 or getattr(pipe.tokenizer, "pad_token", None) == "!" else "sd1"

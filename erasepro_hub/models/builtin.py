@@ -1,0 +1,225 @@
+"""Embedded default models: tiny, deterministic Stable Diffusion pipelines built in code.
+
+``builtin:tiny-sd``, ``builtin:tiny-sd2`` and ``builtin:tiny-sdxl`` have the real
+architecture of their families (CLIP text encoders with the real BPE tokenizer,
+a UNet with cross-attention, a VAE, a DDIM scheduler) at toy widths, so that
+everything — erase, load with plain diffusers, generate an image — runs offline
+on a CPU in a second. No network, ever.
+
+Weights do not come from the libraries' initialisers (which change between
+releases): every parameter is drawn from its own ``torch.Generator`` seeded from
+the model seed and the parameter's name, so a builtin model is the same on every
+machine and every library version that keeps the parameter names.
+
+Widths are chosen so that the demo's constraints fit every site's capacity
+(``N ≤ d``, DESIGN §2.1): the padded length is 32 tokens and the text width 192,
+so four templates under the ``concept-suffix`` policy give about 116 constraint
+columns against an input width of 192 (``to_k``/``to_v``) and 768 (``mlp.fc2``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import BaseModelError
+from .tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+#: Padded prompt length of every builtin tokenizer (real SD models use 77).
+BUILTIN_MAX_LENGTH = 32
+BUILTIN_SEED = 0
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    name: str
+    family: str
+    description: str
+    build: Callable[[torch.dtype], object]
+
+
+def _text_config(hidden: int, layers: int, heads: int, act: str, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=BUILTIN_MAX_LENGTH,
+        hidden_act=act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+    )
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def deterministic_init(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
+    """Overwrite every parameter from a generator seeded by ``(seed, prefix + parameter name)``.
+
+    Norm layers get weights near 1 and small biases; embeddings ``N(0, 0.3²)``; all
+    other weights ``N(0, 1/fan_in)``; other biases ``N(0, 0.02²)``.
+    """
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+    for module_name, sub in module.named_modules():
+        for param_name, param in sub.named_parameters(recurse=False):
+            full = ".".join(part for part in (prefix, module_name, param_name) if part)
+            gen = torch.Generator().manual_seed(_seed_for(seed, full))
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if isinstance(sub, norm_types):
+                value = 1.0 + 0.1 * noise if param_name == "weight" else 0.05 * noise
+            elif isinstance(sub, torch.nn.Embedding):
+                value = 0.3 * noise
+            elif param_name == "weight" and param.ndim >= 2:
+                fan_in = param[0].numel()
+                value = noise / fan_in**0.5
+            else:
+                value = 0.02 * noise
+            param.copy_(value.to(param.dtype))
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _finish(pipe, dtype: torch.dtype, seed: int):
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        component = getattr(pipe, name, None)
+        if component is not None:
+            deterministic_init(component, seed, prefix=name)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        component = getattr(pipe, name, None)
+        if component is not None:
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_sd(dtype: torch.dtype, *, sd2: bool, seed: int = BUILTIN_SEED):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(_text_config(192, 4, 4, "gelu" if sd2 else "quick_gelu"))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=192,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!" if sd2 else "<|endoftext|>"),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe, dtype, seed)
+
+
+def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    text_encoder = CLIPTextModel(_text_config(96, 4, 4, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(128, 4, 4, "gelu", projection_dim=64))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 64,
+        cross_attention_dim=96 + 128,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(BUILTIN_MAX_LENGTH),
+        tokenizer_2=clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!"),
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    return _finish(pipe, dtype, seed)
+
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    "tiny-sd": BuiltinSpec(
+        "tiny-sd", "sd1", "SD 1.x architecture at toy width (4-layer CLIP, width 192)", lambda d: _build_sd(d, sd2=False)
+    ),
+    "tiny-sd2": BuiltinSpec(
+        "tiny-sd2", "sd2", "SD 2.x architecture at toy width (pads with '!', linear projections)",
+        lambda d: _build_sd(d, sd2=True),
+    ),
+    "tiny-sdxl": BuiltinSpec(
+        "tiny-sdxl", "sdxl", "SDXL architecture at toy width (two CLIP encoders, pooled embedding)", _build_sdxl
+    ),
+}
+
+
+def builtin_spec(name: str) -> BuiltinSpec:
+    """The spec of an embedded model, or a :class:`BaseModelError` listing the available ones."""
+    try:
+        return BUILTINS[name]
+    except KeyError:
+        raise BaseModelError(
+            f"base_model.id: unknown builtin model 'builtin:{name}'; available: "
+            + ", ".join(f"builtin:{n}" for n in BUILTINS)
+        ) from None
+
+
+def build_builtin(name: str, dtype: torch.dtype = torch.float32):
+    """Build the named embedded pipeline (e.g. ``"tiny-sd"``) in ``dtype``; deterministic."""
+    return builtin_spec(name).build(dtype)

@@ -1,0 +1,436 @@
+"""The progressive driver (DESIGN §2.4): shallow text-encoder stages first, UNet K/V last.
+
+Stages and their inputs
+-----------------------
+For ``method: erasepro`` each text-encoder layer ``i < depth`` is a stage with one
+site (``text_encoder.site``). The final stage is every UNet cross-attention
+``to_k``/``to_v``; they all read the prompt embedding, so they share one
+factorisation. ``erasepro-kv`` and ``uce`` have the final stage only.
+
+On SDXL the prompt embedding is the concatenation of both encoders'
+penultimate hidden states, so the last layer of each encoder does not feed it.
+The pooled embedding (``text_encoder_2``'s projected, normalised EOS state) also
+conditions the UNet; with ``text_encoder.pooled: match`` (default) one more
+stage edits ``text_encoder_2``'s last ``mlp.fc2`` in ``stream`` mode at the EOS
+positions, so the pooled embedding of every target prompt equals the anchor's
+exactly (that layer feeds nothing else). The edit loads with plain diffusers,
+which recognises ``fc2`` modules only — a ``text_projection`` edit would not.
+
+Incremental propagation
+-----------------------
+The whole progressive text-encoder solve is *one* forward pass over the target
+(and preserve) prompts. A forward hook on each stage's site receives the site's
+input ``x`` for the whole batch, gathers the constrained columns ``X``, solves
+the stage, and returns ``y + ΔW x`` — so deeper layers already see the edited
+features, exactly as the adapter-loaded pipeline will compute them (``ΔW x`` is
+applied with the factors in the adapter's dtype, the way PEFT does). A second
+forward pass over the anchor prompts through the original model gives the
+targets ``T``. Cost: about one text-encoder pass for targets plus one for
+anchors, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ManifestError, PromptError
+from ..solver import (
+    DEFAULT_RESIDUAL_TOL,
+    DEFAULT_RTOL,
+    LowRankDelta,
+    SolveReport,
+    factorize_uce,
+    factorize_zero_residual,
+    solve,
+)
+from .base import EditModel, TextEncoder, get_module
+from .prompts import Encoded, PairPositions, Prompt, PromptPair, encode, eos_pair_positions, pair_positions, single_positions
+
+logger = logging.getLogger(__name__)
+
+FINAL_STAGE = "unet.cross_attention"
+
+
+@dataclass(frozen=True)
+class ErasurePlan:
+    """Everything the driver needs, as plain values (the manifest layer builds it)."""
+
+    method: str
+    pairs: tuple[PromptPair, ...]
+    preserve: tuple[Prompt, ...] = ()
+    token_policy: str = "concept-suffix"
+    te_site: str = "mlp.fc2"
+    te_depth: int | None = None
+    te_target_mode: str = "site"
+    pooled: str = "match"
+    preserve_mode: str = "soft"
+    preserve_weight: float = 1.0
+    rank_rtol: float = DEFAULT_RTOL
+    ridge: float = 0.0
+    residual_tol: float = DEFAULT_RESIDUAL_TOL
+    strict: bool = False
+    uce_lam: float = 0.5
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float = 1.0
+    factor_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.method not in ("erasepro", "erasepro-kv", "uce"):
+            raise ManifestError(f"method: unknown method {self.method!r}; choose erasepro, erasepro-kv or uce")
+        if not self.pairs:
+            raise ManifestError("concepts: at least one target → anchor concept is needed")
+
+
+@dataclass(frozen=True)
+class SiteSolution:
+    key: str
+    stage: str
+    delta: LowRankDelta
+    report: SolveReport
+
+
+@dataclass
+class ErasureSolution:
+    """Per-site deltas (float64 factors) in shallow → deep order, with their reports."""
+
+    sites: list[SiteSolution]
+    stages: list[str]
+    n_pairs: int
+    n_constrained_tokens: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def deltas(self) -> dict[str, LowRankDelta]:
+        return {s.key: s.delta for s in self.sites}
+
+    @property
+    def reports(self) -> dict[str, SolveReport]:
+        return {s.key: s.report for s in self.sites}
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str
+    layer: int
+    site: str
+    mode: str  # "site" | "stream"
+    eos: bool  # constrained at EOS positions (the pooled stage) instead of the token policy's
+
+
+@dataclass
+class _Tokens:
+    """Tokenised prompt sets and their constrained positions (identical for every encoder)."""
+
+    targets: list[Encoded]
+    anchors: list[Encoded]
+    preserve: list[Encoded]
+    positions: PairPositions
+    eos_positions: PairPositions
+    preserve_positions: tuple[torch.Tensor, torch.Tensor]
+    preserve_eos: tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- hooks
+@contextmanager
+def _hooks(registrations: Sequence[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+    handles = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensor_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _bias(module: nn.Linear) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them."""
+    device = te.model.device
+    out = te.model(ids.to(device), output_hidden_states=True)
+    embeds = out.last_hidden_state if te.spec.embed == "last" else out.hidden_states[-2]
+    pooled = out.text_embeds if te.spec.pooled else None
+    return embeds, pooled
+
+
+def prompt_embeddings(model: EditModel, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's conditioning: per-encoder embeddings concatenated (SDXL), and the pooled one."""
+    parts, pooled = [], None
+    for te, te_ids in zip(model.text_encoders, ids):
+        embeds, p = run_encoder(te, te_ids)
+        parts.append(embeds)
+        pooled = p if p is not None else pooled
+    return torch.cat(parts, dim=-1), pooled
+
+
+# ----------------------------------------------------------------------------- planning
+def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
+    anchor_keys: dict[tuple[str, str | None], int] = {}
+    anchor_rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in plan.pairs]
+    anchors = [Prompt(text, prefix) for text, prefix in anchor_keys]
+    targets = [Prompt(p.target, p.prefix) for p in plan.pairs]
+    enc_t, enc_a, enc_p, positions, eos_positions, pres, pres_eos = [], [], [], [], [], [], []
+    for te in model.text_encoders:
+        t, a = encode(te.tokenizer, targets), encode(te.tokenizer, anchors)
+        enc_t.append(t)
+        enc_a.append(a)
+        positions.append(pair_positions(plan.token_policy, plan.pairs, t, a, anchor_rows))
+        eos_positions.append(eos_pair_positions(t, a, anchor_rows))
+        if plan.preserve:
+            p = encode(te.tokenizer, plan.preserve)
+            enc_p.append(p)
+            pres.append(single_positions(plan.token_policy, p))
+            pres_eos.append(single_positions("eos", p))
+    for other in positions[1:]:
+        if not other.equals(positions[0]):
+            raise PromptError(
+                "the two SDXL tokenizers place the constrained tokens at different positions; "
+                "use plain words around the concept"
+            )
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    tokens = _Tokens(
+        enc_t,
+        enc_a,
+        enc_p,
+        positions[0],
+        eos_positions[-1],
+        pres[0] if pres else empty,
+        pres_eos[-1] if pres_eos else empty,
+    )
+    return tokens, anchor_rows
+
+
+def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_Stage]]:
+    """The text-encoder stages of each encoder, shallow to deep."""
+    stages: dict[str, list[_Stage]] = {te.component: [] for te in model.text_encoders}
+    if plan.method != "erasepro":
+        return stages
+    for te in model.text_encoders:
+        usable = te.embed_layers
+        depth = usable if plan.te_depth is None else plan.te_depth
+        if depth > usable:
+            raise ManifestError(
+                f"text_encoder.depth: {depth} exceeds the {usable} layers of {te.component} that feed the "
+                f"prompt embedding in {model.source}; use at most {usable} (or null for all)"
+            )
+        for layer in range(depth):
+            stages[te.component].append(
+                _Stage(te.site_key(layer, plan.te_site), layer, plan.te_site, plan.te_target_mode, eos=False)
+            )
+        if te.spec.pooled and plan.pooled == "match":
+            last = te.num_layers - 1
+            stages[te.component].append(_Stage(te.site_key(last, "mlp.fc2"), last, "mlp.fc2", "stream", eos=True))
+    return stages
+
+
+# ----------------------------------------------------------------------------- the solve
+class _Recorder:
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.sites: list[SiteSolution] = []
+        self.progress = progress
+
+    def add(self, key: str, stage: str, result) -> None:
+        self.sites.append(SiteSolution(key, stage, result.delta, result.report))
+        logger.debug("%s: rank %d residual %.3e", key, result.report.rank, result.report.residual)
+
+    def stage_done(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress(name)
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return t[rows.to(t.device), pos.to(t.device)]
+
+
+def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:
+    """Through the original encoder: what each stage's targets need, and the anchors' prompt embedding."""
+    captured: dict[str, torch.Tensor] = {}
+    registrations = []
+    for stage in stages:
+        pos = tokens.eos_positions if stage.eos else tokens.positions
+        layer = te.layers[stage.layer]
+        if stage.mode == "site":
+            module = te.site_module(stage.layer, stage.site)
+
+            def site_hook(mod, args, output, stage=stage, pos=pos):
+                out = _gather(output, pos.a_rows, pos.a_pos)
+                bias = _bias(mod)
+                captured[stage.name] = out - bias if bias is not None else out
+
+            registrations.append(lambda m=module, h=site_hook: m.register_forward_hook(h))
+        elif stage.site == "mlp.fc2":  # stream: the layer's output
+
+            def layer_hook(mod, args, output, stage=stage, pos=pos):
+                captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
+
+            registrations.append(lambda m=layer, h=layer_hook: m.register_forward_hook(h))
+        else:  # stream at out_proj: the residual stream after attention = layer_norm2's input
+
+            def mid_hook(mod, args, stage=stage, pos=pos):
+                captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
+
+            norm = get_module(layer, "layer_norm2")
+            registrations.append(lambda m=norm, h=mid_hook: m.register_forward_pre_hook(h))
+    with _hooks(registrations):
+        embeds, _ = run_encoder(te, ids)
+    return captured, embeds
+
+
+def _target_pass(
+    te: TextEncoder,
+    stages: list[_Stage],
+    ids: torch.Tensor,
+    n_targets: int,
+    anchor_caps: dict,
+    tokens: _Tokens,
+    plan: ErasurePlan,
+    recorder: _Recorder,
+) -> torch.Tensor:
+    """Targets + preserve prompts through the encoder, solving each stage as the forward pass reaches it."""
+    registrations = []
+    stash: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        pos = tokens.eos_positions if stage.eos else tokens.positions
+        p_rows, p_pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
+        layer = te.layers[stage.layer]
+        module = te.site_module(stage.layer, stage.site)
+        if stage.mode == "stream":
+            norm = get_module(layer, "layer_norm2" if stage.site == "mlp.fc2" else "layer_norm1")
+
+            def stash_hook(mod, args, stage=stage):
+                stash[stage.name] = args[0]
+
+            registrations.append(lambda m=norm, h=stash_hook: m.register_forward_pre_hook(h))
+
+        def solve_hook(mod, args, output, stage=stage, pos=pos, p_rows=p_rows, p_pos=p_pos):
+            x = args[0]
+            X = _gather(x, pos.t_rows, pos.t_pos).double().T
+            P = _gather(x, p_rows + n_targets, p_pos).double().T if p_rows.numel() else None
+            if stage.mode == "site":
+                T = anchor_caps[stage.name].double().T
+            else:
+                base = _gather(stash.pop(stage.name), pos.t_rows, pos.t_pos)
+                T = anchor_caps[stage.name].double() - base.double()
+                bias = _bias(mod)
+                if bias is not None:
+                    T = T - bias.double()
+                T = T.T
+            fact = factorize_zero_residual(
+                X,
+                preserve=P,
+                preserve_mode=plan.preserve_mode if P is not None else "none",
+                preserve_weight=plan.preserve_weight,
+                rtol=plan.rank_rtol,
+                ridge=plan.ridge,
+            )
+            result = solve(fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name)
+            recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
+            recorder.stage_done(stage.name)
+            factors = result.delta.to(plan.factor_dtype)
+            return output + factors.apply(x.to(plan.factor_dtype)).to(output.dtype)
+
+        registrations.append(lambda m=module, h=solve_hook: m.register_forward_hook(h))
+    with _hooks(registrations):
+        embeds, _ = run_encoder(te, ids)
+    return embeds
+
+
+@torch.no_grad()
+def solve_erasure(
+    model: EditModel, plan: ErasurePlan, *, progress: Callable[[str], None] | None = None
+) -> ErasureSolution:
+    """Run the progressive solve; the model's weights are not modified."""
+    start = time.perf_counter()
+    tokens, _ = _tokenize(model, plan)
+    stages = text_encoder_stages(model, plan)
+    recorder = _Recorder(progress)
+    n_targets = len(plan.pairs)
+    x_parts, y_parts, p_parts = [], [], []
+    timings: dict[str, float] = {"tokenize": time.perf_counter() - start}
+    for index, te in enumerate(model.text_encoders):
+        te_stages = stages[te.component]
+        t0 = time.perf_counter()
+        anchor_caps, anchor_embeds = _anchor_captures(te, te_stages, tokens.anchors[index].ids, tokens)
+        timings[f"{te.component}.anchor_pass"] = time.perf_counter() - t0
+        ids = tokens.targets[index].ids
+        if plan.preserve:
+            ids = torch.cat([ids, tokens.preserve[index].ids])
+        t0 = time.perf_counter()
+        embeds = _target_pass(te, te_stages, ids, n_targets, anchor_caps, tokens, plan, recorder)
+        timings[f"{te.component}.target_pass"] = time.perf_counter() - t0
+        pos = tokens.positions
+        x_parts.append(_gather(embeds, pos.t_rows, pos.t_pos))
+        y_parts.append(_gather(anchor_embeds, pos.a_rows, pos.a_pos))
+        if plan.preserve:
+            rows, cols = tokens.preserve_positions
+            p_parts.append(_gather(embeds, rows + n_targets, cols))
+
+    t0 = time.perf_counter()
+    X = torch.cat(x_parts, dim=-1).double().T
+    Y = torch.cat(y_parts, dim=-1).double().T
+    P = torch.cat(p_parts, dim=-1).double().T if p_parts else None
+    if plan.method == "uce":
+        fact = factorize_uce(
+            X,
+            preserve=P if plan.preserve_mode != "none" else None,
+            lam=plan.uce_lam,
+            erase_scale=plan.uce_erase_scale,
+            preserve_scale=plan.uce_preserve_scale,
+            rtol=plan.rank_rtol,
+        )
+    else:
+        fact = factorize_zero_residual(
+            X,
+            preserve=P,
+            preserve_mode=plan.preserve_mode if P is not None else "none",
+            preserve_weight=plan.preserve_weight,
+            rtol=plan.rank_rtol,
+            ridge=plan.ridge,
+        )
+    for key, weight in model.kv_weights.items():
+        T = weight.double() @ Y
+        result = solve(fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key)
+        recorder.add(key, FINAL_STAGE, result)
+    recorder.stage_done(FINAL_STAGE)
+    timings["final_stage"] = time.perf_counter() - t0
+    stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
+    return ErasureSolution(
+        sites=recorder.sites,
+        stages=stage_names,
+        n_pairs=n_targets,
+        n_constrained_tokens=len(tokens.positions),
+        seconds=time.perf_counter() - start,
+        timings=timings,
+    )
+
+
+def count_stages(model: EditModel, plan: ErasurePlan) -> int:
+    """How many progress steps :func:`solve_erasure` reports (text-encoder stages + the final stage)."""
+    return sum(len(s) for s in text_encoder_stages(model, plan).values()) + 1
+
+
+__all__ = [
+    "FINAL_STAGE",
+    "ErasurePlan",
+    "ErasureSolution",
+    "SiteSolution",
+    "count_stages",
+    "prompt_embeddings",
+    "run_encoder",
+    "solve_erasure",
+]

@@ -1,0 +1,44 @@
+"""Site keys and module lookup shared by the model glue and the adapter loader (torch only).
+
+A *site key* is the LoRA module key diffusers uses (DESIGN §4.1): the pipeline
+component, then the module path inside it — ``unet.<path>.attn2.to_k`` or
+``text_encoder.text_model.encoder.layers.N.mlp.fc2``. The ``text_model.`` form
+loads on transformers 4 and 5; :func:`get_module` resolves it on either layout
+(transformers ≥ 5.6 flattened ``CLIPTextModel`` to ``encoder.layers.N``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+TE_LAYER_KEY = "{component}.text_model.encoder.layers.{layer}.{site}"
+KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, accepting ``text_model.``-prefixed and flattened CLIP layouts.
+
+    Raises:
+        KeyError: no such module under either spelling.
+    """
+    candidates = [path]
+    if path.startswith("text_model."):
+        candidates.append(path[len("text_model.") :])
+    else:
+        candidates.append("text_model." + path)
+    for candidate in candidates:
+        try:
+            return root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise KeyError(path)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``("unet", "down_blocks.0…to_k")`` from a site key."""
+    component, _, path = key.partition(".")
+    return component, path
+
+
+def is_kv_key(key: str) -> bool:
+    return key.startswith("unet.") and key.endswith(KV_SUFFIXES)

@@ -1,0 +1,38 @@
+"""Closed-form weight edits, pure torch, float64 inside.
+
+This package imports nothing but torch (a test enforces it): the maths can be
+used, read and tested without any model library.
+
+    >>> from erasepro_hub.solver import erasepro_update
+    >>> result = erasepro_update(W, X, T)      # (W + ΔW) X = T, ΔW minimum-norm
+    >>> result.delta.B, result.delta.A         # exact low-rank factors
+    >>> result.report.residual, result.report.rank
+"""
+
+from .closed_form import (
+    DEFAULT_RESIDUAL_TOL,
+    DEFAULT_RTOL,
+    Factorization,
+    SolveReport,
+    SolveResult,
+    erasepro_update,
+    factorize_uce,
+    factorize_zero_residual,
+    solve,
+    uce_update,
+)
+from .delta import LowRankDelta
+
+__all__ = [
+    "DEFAULT_RESIDUAL_TOL",
+    "DEFAULT_RTOL",
+    "Factorization",
+    "LowRankDelta",
+    "SolveReport",
+    "SolveResult",
+    "erasepro_update",
+    "factorize_uce",
+    "factorize_zero_residual",
+    "solve",
+    "uce_update",
+]

@@ -1,0 +1,106 @@
+"""Dependency rules of DESIGN §3, checked on the source, and import-time isolation."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+PKG = REPO / "erasepro_hub"
+HEAVY = ("diffusers", "transformers", "huggingface_hub", "peft", "accelerate", "datasets")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in a file (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def files(sub: str) -> list[Path]:
+    return sorted((PKG / sub).rglob("*.py")) if (PKG / sub).is_dir() else [PKG / f"{sub}.py"]
+
+
+def uses(path: Path, prefix: str) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for name in imports_of(path))
+
+
+def test_solver_imports_only_torch_and_itself():
+    for path in files("solver"):
+        for name in imports_of(path):
+            top = name.split(".")[0]
+            assert top in {"torch", "__future__", "dataclasses", "typing", "math", "erasepro_hub"} or name.startswith(
+                ("erasepro_hub.solver", "erasepro_hub.errors")
+            ), f"{path.name} imports {name}"
+            if top == "erasepro_hub":
+                assert name.startswith(("erasepro_hub.solver", "erasepro_hub.errors")), f"{path.name} imports {name}"
+
+
+def test_only_models_imports_diffusers_and_transformers():
+    for path in PKG.rglob("*.py"):
+        if "models" in path.relative_to(PKG).parts:
+            continue
+        for lib in ("diffusers", "transformers"):
+            assert not uses(path, lib), f"{path.relative_to(REPO)} imports {lib}"
+
+
+def test_only_hub_imports_huggingface_hub():
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).parts
+        if rel[0] in ("hub", "testing"):
+            continue
+        assert not uses(path, "huggingface_hub"), f"{path.relative_to(REPO)} imports huggingface_hub"
+
+
+def test_one_way_dependencies():
+    forbidden = {
+        "solver": ("models", "erase", "cli", "manifest", "adapters", "cards", "hub", "evaluate"),
+        "manifest": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate"),
+        "models": ("erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest"),
+        "adapters": ("models", "erase", "cli", "cards", "hub", "evaluate"),
+        "erase": ("cli",),
+    }
+    for sub, banned in forbidden.items():
+        for path in files(sub):
+            for other in banned:
+                assert not uses(path, f"erasepro_hub.{other}"), f"{path.relative_to(REPO)} imports erasepro_hub.{other}"
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_importing_the_solver_imports_no_model_library():
+    loaded = _modules_after("import erasepro_hub.solver")
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY]
+
+
+def test_cli_start_up_is_lazy():
+    loaded = _modules_after("import erasepro_hub.cli, erasepro_hub.manifest")
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY + ("torch",)]
+
+
+def test_no_pickle_loading_anywhere():
+    """No torch.load, pickle or .bin reading: safetensors only."""
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        for banned in ("torch.load(", "import pickle", "pickle.load", "joblib", "weights_only"):
+            assert banned not in text, f"{path.relative_to(REPO)} contains {banned}"

@@ -1,0 +1,246 @@
+"""The closed forms of DESIGN §2.1–2.3 against their definitions, in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from erasepro_hub.errors import CapacityError, CapacityWarning
+from erasepro_hub.solver import (
+    LowRankDelta,
+    erasepro_update,
+    factorize_zero_residual,
+    solve,
+    uce_update,
+)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    m, d, n = 40, 64, 12
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    T = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return W, X, T
+
+
+# ----------------------------------------------------------------------------- zero residual
+def test_constraint_holds_exactly(problem):
+    W, X, T = problem
+    result = erasepro_update(W, X, T)
+    assert rel((W + result.delta.dense()) @ X, T) <= 1e-10
+    assert result.report.residual <= 1e-10
+    assert result.report.rank == X.shape[1]
+    assert result.report.within_capacity
+
+
+def test_update_is_minimum_norm(problem):
+    W, X, T = problem
+    delta = erasepro_update(W, X, T).delta.dense()
+    # Any other feasible update differs by Z with Z X = 0 (rows of Z orthogonal to span(X)).
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(X)
+    Z = torch.randn(W.shape, generator=g, dtype=torch.float64)
+    Z = Z - (Z @ Q) @ Q.T
+    other = delta + 0.3 * Z
+    assert rel((W + other) @ X, T) <= 1e-10  # also feasible
+    assert torch.linalg.norm(delta) < torch.linalg.norm(other)
+    # and it matches the pseudo-inverse formula Δ = (T − W X) X⁺
+    assert rel(delta, (T - W @ X) @ torch.linalg.pinv(X)) <= 1e-10
+
+
+def test_orthogonal_inputs_unchanged(problem):
+    W, X, T = problem
+    delta = erasepro_update(W, X, T).delta
+    Q, _ = torch.linalg.qr(X, mode="complete")
+    outside = Q[:, X.shape[1] :]  # orthonormal basis of span(X)^⊥
+    assert float(torch.linalg.norm(delta.dense() @ outside)) <= 1e-10 * float(torch.linalg.norm(delta.dense()))
+
+
+def test_factors_are_exact_low_rank(problem):
+    W, X, T = problem
+    delta = erasepro_update(W, X, T).delta
+    assert isinstance(delta, LowRankDelta)
+    assert delta.B.shape == (W.shape[0], X.shape[1]) and delta.A.shape == (X.shape[1], W.shape[1])
+    dense = delta.dense()
+    assert abs(delta.frobenius_norm() - float(torch.linalg.norm(dense))) <= 1e-10 * float(torch.linalg.norm(dense))
+    stored = delta.to(torch.float32)
+    err = float((stored.dense() - dense).abs().max() / dense.abs().max())
+    assert err <= 1e-6
+
+
+def test_exact_preservation(problem):
+    W, X, T = problem
+    g = torch.Generator().manual_seed(2)
+    P = torch.randn(W.shape[1], 20, generator=g, dtype=torch.float64)
+    result = erasepro_update(W, X, T, preserve=P, preserve_mode="exact")
+    delta = result.delta.dense()
+    assert rel((W + delta) @ X, T) <= 1e-10
+    assert float(torch.linalg.norm(delta @ P)) <= 1e-10 * float(torch.linalg.norm(W @ P))
+    assert result.report.n_constraints == X.shape[1] + P.shape[1]
+
+
+def _soft_brute_force(W, X, T, P, lam):
+    """min ||Δ||² + λ||ΔP||² s.t. ΔX = R, solved as one KKT system over vec(Δ)."""
+    m, d = W.shape
+    n = X.shape[1]
+    R = T - W @ X
+    M = torch.eye(d, dtype=torch.float64) + lam * P @ P.T
+    # Rows of Δ decouple: for each row δ (1×d): min δ M δᵀ s.t. δ X = r.
+    K = torch.zeros(d + n, d + n, dtype=torch.float64)
+    K[:d, :d] = 2 * M
+    K[:d, d:] = X
+    K[d:, :d] = X.T
+    rhs = torch.cat([torch.zeros(d, m, dtype=torch.float64), R.T], dim=0)
+    sol = torch.linalg.solve(K, rhs)
+    return sol[:d].T
+
+
+def test_soft_preservation_matches_brute_force(problem):
+    W, X, T = problem
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(W.shape[1], 30, generator=g, dtype=torch.float64)
+    lam = 0.7
+    result = erasepro_update(W, X, T, preserve=P, preserve_mode="soft", preserve_weight=lam)
+    delta = result.delta.dense()
+    expected = _soft_brute_force(W, X, T, P, lam)
+    assert rel(delta, expected) <= 1e-9
+    assert rel((W + delta) @ X, T) <= 1e-10  # still zero residual
+    # the brief's closed form R (Xᵀ M⁻¹ X)⁻¹ Xᵀ M⁻¹
+    M = torch.eye(W.shape[1], dtype=torch.float64) + lam * P @ P.T
+    Minv_X = torch.linalg.solve(M, X)
+    closed = (T - W @ X) @ torch.linalg.solve(X.T @ Minv_X, Minv_X.T)
+    assert rel(delta, closed) <= 1e-9
+    # preservation helps: ΔP is smaller than without it
+    plain = erasepro_update(W, X, T).delta.dense()
+    assert torch.linalg.norm(delta @ P) < torch.linalg.norm(plain @ P)
+
+
+def test_soft_with_zero_weight_is_plain(problem):
+    W, X, T = problem
+    P = torch.randn(W.shape[1], 5, dtype=torch.float64)
+    a = erasepro_update(W, X, T, preserve=P, preserve_mode="soft", preserve_weight=0.0).delta.dense()
+    b = erasepro_update(W, X, T).delta.dense()
+    assert rel(a, b) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- UCE
+def test_uce_matches_published_closed_form(problem):
+    W, X, T = problem
+    g = torch.Generator().manual_seed(4)
+    P = torch.randn(W.shape[1], 25, generator=g, dtype=torch.float64)
+    lam, s_e, eta = 0.5, 1.0, 0.1
+    result = uce_update(W, X, T, preserve=P, lam=lam, erase_scale=s_e, preserve_scale=eta)
+    d = W.shape[1]
+    # W' = (λ W + s_e Σ v* cᵀ + η Σ W c_p c_pᵀ)(λ I + s_e Σ c cᵀ + η Σ c_p c_pᵀ)⁻¹
+    left = lam * W + s_e * T @ X.T + eta * W @ P @ P.T
+    right = lam * torch.eye(d, dtype=torch.float64) + s_e * X @ X.T + eta * P @ P.T
+    W_new = torch.linalg.solve(right.T, left.T).T
+    assert rel(W + result.delta.dense(), W_new) <= 1e-10
+    # soft: the alignment residual is not zero
+    assert result.report.residual > 1e-3
+    assert not result.report.exact
+
+
+def test_uce_residual_shrinks_with_lambda(problem):
+    W, X, T = problem
+    loose = uce_update(W, X, T, lam=10.0).report.residual
+    tight = uce_update(W, X, T, lam=1e-3).report.residual
+    assert tight < loose
+
+
+# ----------------------------------------------------------------------------- capacity
+def test_over_capacity_gives_least_squares_and_warns():
+    g = torch.Generator().manual_seed(5)
+    m, d, n = 10, 16, 30  # N > d: cannot all hold
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    T = torch.randn(m, n, generator=g, dtype=torch.float64)
+    with pytest.warns(CapacityWarning, match="exceed the input width"):
+        result = erasepro_update(W, X, T)
+    delta = result.delta.dense()
+    expected = (T - W @ X) @ torch.linalg.pinv(X)  # minimum-norm least squares
+    assert rel(delta, expected) <= 1e-9
+    achieved = float(torch.linalg.norm((W + delta) @ X - T) / torch.linalg.norm(T))
+    assert result.report.residual == pytest.approx(achieved, rel=1e-9)
+    assert result.report.residual > 1e-3
+    assert result.report.rank == d
+    assert not result.report.within_capacity
+    with pytest.raises(CapacityError, match="exceed the input width"):
+        erasepro_update(W, X, T, strict=True)
+
+
+def test_dependent_conflicting_constraints_report_residual():
+    g = torch.Generator().manual_seed(6)
+    m, d = 8, 32
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    x = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    X = torch.cat([x, x[:, :2]], dim=1)  # two duplicated columns ...
+    T = torch.randn(m, 7, generator=g, dtype=torch.float64)  # ... asked to map to different outputs
+    with pytest.warns(CapacityWarning, match="dependent"):
+        result = erasepro_update(W, X, T)
+    assert result.report.rank == 5
+    assert rel(result.delta.dense(), (T - W @ X) @ torch.linalg.pinv(X)) <= 1e-9
+    assert result.report.residual > 1e-3
+    with pytest.raises(CapacityError):
+        erasepro_update(W, X, T, strict=True)
+
+
+def test_dependent_consistent_constraints_are_exact():
+    g = torch.Generator().manual_seed(7)
+    m, d = 8, 32
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    x = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(m, 5, generator=g, dtype=torch.float64)
+    X, T = torch.cat([x, x[:, :2]], 1), torch.cat([t, t[:, :2]], 1)  # duplicates agree
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = erasepro_update(W, X, T, strict=True)
+    assert result.report.rank == 5 and result.report.residual <= 1e-10
+
+
+def test_ridge_trades_residual_for_norm(problem):
+    W, X, T = problem
+    exact = erasepro_update(W, X, T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ridge is asked for: not exact by design, no warning
+        ridged = erasepro_update(W, X, T, ridge=10.0)
+    assert ridged.report.residual > exact.report.residual
+    assert ridged.delta.frobenius_norm() < exact.delta.frobenius_norm()
+
+
+def test_shared_factorisation_serves_many_sites(problem):
+    W, X, T = problem
+    fact = factorize_zero_residual(X)
+    g = torch.Generator().manual_seed(8)
+    for m in (3, 17, 50):
+        W2 = torch.randn(m, X.shape[0], generator=g, dtype=torch.float64)
+        T2 = torch.randn(m, X.shape[1], generator=g, dtype=torch.float64)
+        result = solve(fact, W2, T2)
+        assert rel((W2 + result.delta.dense()) @ X, T2) <= 1e-10
+
+
+def test_bad_inputs_are_rejected(problem):
+    W, X, T = problem
+    with pytest.raises(ValueError, match="NaN"):
+        erasepro_update(W, X * float("nan"), T)
+    with pytest.raises(ValueError, match="width"):
+        erasepro_update(W[:, :10], X, T)
+    with pytest.raises(ValueError, match="columns"):
+        erasepro_update(W, X, T[:, :3])
+    with pytest.raises(ValueError, match="preserve_mode"):
+        factorize_zero_residual(X, preserve=X, preserve_mode="hard")  # type: ignore[arg-type]
+
+
+def test_zero_delta_when_targets_already_met(problem):
+    W, X, _ = problem
+    result = erasepro_update(W, X, W @ X)
+    assert result.delta.frobenius_norm() <= 1e-10
+    assert result.report.residual <= 1e-12
