@@ -198,7 +198,6 @@ def compute_metrics(comp: Computation) -> dict:
     metrics["method"] = recipe.method
     metrics["n_prompt_pairs"] = comp.solution.n_pairs
     metrics["n_constrained_tokens"] = comp.solution.n_constrained_tokens
-    metrics["solve_seconds"] = comp.solution.seconds
     return metrics
 
 
@@ -217,6 +216,7 @@ def _site_records(comp: Computation) -> list[SiteRecord]:
                 rank=r.rank,
                 n_constraints=r.n_constraints,
                 residual=r.residual,
+                preserve_residual=r.preserve_residual,
                 condition=r.condition if r.rank else 0.0,
                 delta_norm=r.delta_norm,
                 delta_norm_rel=r.delta_norm / norms[site.key] if norms[site.key] else 0.0,

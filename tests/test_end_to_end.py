@@ -187,3 +187,34 @@ def test_folder_contents(demo_folder):
     assert sum(k.startswith("unet.") for k in adapter.deltas) == 8
     for site in manifest.outputs.sites:
         assert site.residual <= 1e-10 and site.rank == site.n_constraints
+
+
+@pytest.mark.parametrize(
+    "name, builtin, edit",
+    [
+        ("sd2", "tiny-sd2", lambda d: d["base_model"].update(id="builtin:tiny-sd2")),
+        ("dense", "tiny-sd", lambda d: d.update(adapter={"format": "dense"})),
+        ("stream", "tiny-sd", lambda d: d.update(text_encoder={"target_mode": "stream", "depth": 2})),
+        ("out-proj", "tiny-sd", lambda d: d.update(text_encoder={"site": "self_attn.out_proj", "depth": 1})),
+        ("exact-preserve", "tiny-sd", lambda d: d["preserve"].update(mode="exact", concepts=["Claude Monet"], templates=["{}"])),
+    ],
+)
+def test_variants_reach_zero_residual_through_plain_diffusers(erase_variant, name, builtin, edit):
+    folder = erase_variant(name, edit)
+    original, plain = fresh(builtin), fresh(builtin)
+    plain.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
+    residuals, _ = kv_residuals(folder, plain, original)
+    assert max(residuals.values()) <= TOL, residuals
+    manifest = load_manifest(folder / "erasepro.yaml")
+    if name == "dense":
+        adapter = read_adapter(folder / "pytorch_lora_weights.safetensors")
+        assert all(d.rank == min(d.shape) for d in adapter.deltas.values())
+    if name in ("stream", "out-proj"):
+        te = [s for s in manifest.outputs.sites if s.name.startswith("text_encoder")]
+        assert len(te) == (2 if name == "stream" else 1)
+        assert all(s.residual <= 1e-10 for s in manifest.outputs.sites)
+    if name == "exact-preserve":
+        # 112 target tokens + 31 tokens of "Claude Monet" in the "{}" template, all held exactly
+        for site in manifest.outputs.sites:
+            assert site.n_constraints == 112 + 31 and site.rank == site.n_constraints
+            assert site.preserve_residual <= 1e-10

@@ -95,6 +95,38 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file byte-for-byte deterministically.
+
+    The safetensors library stores ``__metadata__`` from a hash map, so two writes of
+    the same content can order the header differently. Here the header is canonical
+    JSON (sorted keys), tensors are laid out in key order and the header is padded
+    with spaces to 8 bytes, as the format specifies: the same adapter always gives the
+    same bytes, hence the same sha256.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs = []
+    offset = 0
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        if tensor.dtype not in _DTYPE_CODES:
+            raise ValueError(f"cannot store {key} of dtype {tensor.dtype}")
+        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[key] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for blob in blobs:
+            handle.write(blob)
+
+
 def save_adapter(
     path: str | Path,
     deltas: Mapping[str, LowRankDelta],
@@ -105,11 +137,9 @@ def save_adapter(
     dtype: torch.dtype = torch.float32,
 ) -> str:
     """Write the adapter file; returns its sha256."""
-    from safetensors.torch import save_file
-
     state = to_state_dict(deltas, fmt=fmt, dtype=dtype)
     metadata = {"format": "pt", HEADER_RECIPE: recipe_sha256, HEADER_VERSION: version, HEADER_FORMAT: fmt}
-    save_file(state, str(path), metadata=metadata)
+    write_safetensors(path, state, metadata)
     return file_sha256(path)
 
 

@@ -251,6 +251,7 @@ class SiteRecord(_Strict):
     rank: int
     n_constraints: int
     residual: float
+    preserve_residual: float | None = None
     condition: float
     delta_norm: float
     delta_norm_rel: float
