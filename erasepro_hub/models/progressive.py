@@ -253,6 +253,27 @@ class _Recorder:
             self.progress(name)
 
 
+def _factorize(plan: ErasurePlan, X: torch.Tensor, P: torch.Tensor | None, *, uce: bool = False):
+    """The shared factorisation of one stage: ``X`` (``d × N``) targets, ``P`` (``d × M``) preserve inputs."""
+    if uce:
+        return factorize_uce(
+            X,
+            preserve=P,
+            lam=plan.uce_lam,
+            erase_scale=plan.uce_erase_scale,
+            preserve_scale=plan.uce_preserve_scale,
+            rtol=plan.rank_rtol,
+        )
+    return factorize_zero_residual(
+        X,
+        preserve=P,
+        preserve_mode=plan.preserve_mode,
+        preserve_weight=plan.preserve_weight,
+        rtol=plan.rank_rtol,
+        ridge=plan.ridge,
+    )
+
+
 def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return t[rows.to(t.device), pos.to(t.device)]
 
@@ -330,14 +351,7 @@ def _target_pass(
                 if bias is not None:
                     T = T - bias.double()
                 T = T.T
-            fact = factorize_zero_residual(
-                X,
-                preserve=P,
-                preserve_mode=plan.preserve_mode if P is not None else "none",
-                preserve_weight=plan.preserve_weight,
-                rtol=plan.rank_rtol,
-                ridge=plan.ridge,
-            )
+            fact = _factorize(plan, X, P)
             result = solve(fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name)
             recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
             recorder.stage_done(stage.name)
@@ -384,24 +398,7 @@ def solve_erasure(
     X = torch.cat(x_parts, dim=-1).double().T
     Y = torch.cat(y_parts, dim=-1).double().T
     P = torch.cat(p_parts, dim=-1).double().T if p_parts else None
-    if plan.method == "uce":
-        fact = factorize_uce(
-            X,
-            preserve=P if plan.preserve_mode != "none" else None,
-            lam=plan.uce_lam,
-            erase_scale=plan.uce_erase_scale,
-            preserve_scale=plan.uce_preserve_scale,
-            rtol=plan.rank_rtol,
-        )
-    else:
-        fact = factorize_zero_residual(
-            X,
-            preserve=P,
-            preserve_mode=plan.preserve_mode if P is not None else "none",
-            preserve_weight=plan.preserve_weight,
-            rtol=plan.rank_rtol,
-            ridge=plan.ridge,
-        )
+    fact = _factorize(plan, X, P, uce=plan.method == "uce")
     for key, weight in model.kv_weights.items():
         T = weight.double() @ Y
         result = solve(fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key)
