@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/erasepro inspect erasures/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) erasures .pytest_cache

@@ -151,6 +151,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub.publish import push
+
+    result = push(args.folder, args.repo_id, private=args.private, branch=args.branch, tag=args.tag)
+    state = "new commit" if result.new_commit else "unchanged, no new commit"
+    print(f"pushed {args.folder} to {result.repo_id} ({result.branch}{', tag ' + result.tag if result.tag else ''}): {state}", file=sys.stderr)
+    print(f"  load with revision={result.commit!r}", file=sys.stderr)
+    print(result.commit)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .hub.publish import pull
+
+    result = pull(args.ref, args.out, overwrite=args.overwrite)
+    print(f"pulled {result.repo_id}@{result.revision} = commit {result.commit} into {result.folder} (verified)", file=sys.stderr)
+    print(result.folder)
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .adapters.folder import open_folder
+    from .cards import write_card
+
+    opened = open_folder(args.folder)
+    names = write_card(opened.path, opened.manifest, repo_id=args.repo_id, revision=args.revision)
+    for name in names:
+        print(opened.path / name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erasepro",
@@ -168,12 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("regenerate", help="recompute an erasure from DIR/erasepro.yaml")
-    p.add_argument("folder", help="an erasure folder (or its erasepro.yaml)")
+    p.add_argument("folder", help="an erasure folder (or its erasepro.yaml), or a Hub reference user/name[@rev]")
     p.add_argument("--verify", action="store_true", help="compare with the stored adapter: exit 0 if within tolerance, else 1")
     p.add_argument("--out", help="where to write the regenerated folder (without --verify; default: DIR-regenerated)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("push", help="publish an erasure folder to the Hub in one commit")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--branch", help="commit to this branch (created if missing; default main)")
+    p.add_argument("--tag", help="tag the commit")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="download an erasure by revision, verified")
+    p.add_argument("ref", metavar="REPO_ID[@REV]", help="user/name, optionally @branch, @tag or @commit")
+    p.add_argument("--out", help="output folder (default: the repository name)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("card", help="(re)render the model card and plot of an erasure folder")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", help="the repository the card should point to")
+    p.add_argument("--revision", help="the revision the card's snippet loads (default main)")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("inspect", help="summarise an erasure folder and check its files")
     p.add_argument("folder")

@@ -24,6 +24,7 @@ from . import __version__
 from .adapters.fingerprint import weight_fingerprints
 from .adapters.folder import MANIFEST_FILE, METRICS_FILE, open_folder
 from .adapters.lora import ADAPTER_FILE, dense_as_lora, file_sha256, save_adapter
+from .cards import write_card
 from .errors import VerificationError
 from .fsutil import atomic_folder, check_output
 from .manifest import (
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 #: It covers float32 feature differences between machines, thread counts and devices; a changed
 #: recipe setting moves ΔW by orders of magnitude more.
 REGENERATE_RTOL = 1e-4
+
+#: The embedded models are built in code by this project.
+BUILTIN_LICENSE = "apache-2.0"
 
 LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "pydantic", "huggingface_hub")
 
@@ -114,24 +118,26 @@ class LoadedBase:
     model: object  # EditModel
     ref: BaseModelRef  # with the revision resolved to a commit for Hub ids
     pipeline: object | None = None  # the full pipeline, for builtin models only
+    license: str | None = None  # the base model's licence, from its model card
 
 
 def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
     """Load what the solver needs of the recipe's base model."""
-    from .models.loading import DTYPES, load_builtin, load_edit_model
+    from .models.loading import DTYPES, load_builtin, load_edit_model, read_card_license
 
     ref = recipe.base_model
     dtype = DTYPES[recipe.solver.dtype]
     if ref.kind == "builtin":
         pipe, model = load_builtin(ref.builtin_name, dtype=dtype, device=device)
-        return LoadedBase(model, ref, pipe)
+        return LoadedBase(model, ref, pipe, license=BUILTIN_LICENSE)
     if ref.kind == "local":
-        return LoadedBase(load_edit_model(ref.id, dtype=dtype, device=device), ref)
+        model = load_edit_model(ref.id, dtype=dtype, device=device)
+        return LoadedBase(model, ref, license=read_card_license(Path(ref.id).expanduser()))
     from .hub.download import download_base_model
 
     folder, sha = download_base_model(ref.id, ref.revision)
     model = load_edit_model(folder, dtype=dtype, device=device, source=f"{ref.id}@{sha[:12]}")
-    return LoadedBase(model, BaseModelRef(id=ref.id, revision=sha))
+    return LoadedBase(model, BaseModelRef(id=ref.id, revision=sha), license=read_card_license(folder))
 
 
 def resolve_recipe(recipe: Recipe, ref: BaseModelRef) -> Recipe:
@@ -256,6 +262,8 @@ def _provenance(comp: Computation, command: list[str] | None, device: str) -> Pr
 def build_manifest(comp: Computation, files: dict[str, str], metrics: dict, provenance: Provenance) -> Manifest:
     outputs = Outputs(
         recipe_sha256=recipe_sha256(comp.recipe),
+        family=comp.model.family,
+        base_license=comp.base.license,
         adapter_file=ADAPTER_FILE,
         files=files,
         base_fingerprints=_fingerprints(comp),
@@ -296,6 +304,7 @@ def write_folder(
         files[METRICS_FILE] = file_sha256(tmp / METRICS_FILE)
         manifest = build_manifest(comp, files, metrics, _provenance(comp, command, device))
         (tmp / MANIFEST_FILE).write_text(dump_yaml(manifest), encoding="utf-8")
+        write_card(tmp, manifest)
     return Path(out)
 
 
@@ -374,10 +383,16 @@ def regenerate(
 ) -> RegenerateReport | Path:
     """Recompute an erasure from ``folder/erasepro.yaml``.
 
+    ``folder`` may also be a Hub reference ``user/name[@revision]``: that commit is downloaded first.
     With ``verify``: check the folder (file hashes, recipe hash) and compare the
     recomputed deltas and base fingerprints with the stored ones; returns a
     :class:`RegenerateReport`. Without: write the recomputed erasure to ``out``.
     """
+    if isinstance(folder, str):
+        from .hub.publish import fetch_verified, looks_like_repo, parse_ref
+
+        if looks_like_repo(folder):
+            folder, _ = fetch_verified(*parse_ref(folder))
     folder = Path(folder)
     if not verify:
         manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)

@@ -56,7 +56,18 @@ class BaseMismatchError(AdapterFormatError):
 
 
 class HubError(EraseProError, RuntimeError):
-    """A Hub operation failed; the message says whether retrying can help."""
+    """A Hub operation failed; the message says whether retrying can help.
+
+    Exit code 1 for failures of the Hub or the connection (retrying can help), 2 for
+    what the user must change (a missing repository or revision, a bad token).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, bad_input: bool = False):
+        super().__init__(message)
+        if bad_input:
+            self.exit_code = 2
 
 
 # --------------------------------------------------------------------------- failed checks (exit 1)

@@ -1,18 +1,43 @@
-"""Shared fixtures. Tests are offline and CPU-only: no Hub, no GPU, models built in code."""
+"""Shared fixtures. Tests are offline and CPU-only: models are built in code, and the Hub is a local server.
+
+The local Hub-compatible server starts here, on an ephemeral 127.0.0.1 port, *before* anything imports
+huggingface_hub (which reads HF_ENDPOINT once at import): every Hub call of the suite — ours, diffusers',
+the client's — goes to it, and nothing can reach huggingface.co.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+_HUB_ROOT = tempfile.mkdtemp(prefix="erasepro-test-hub-")
+_HF_HOME = tempfile.mkdtemp(prefix="erasepro-test-hf-home-")
+
+assert "huggingface_hub" not in sys.modules, "the test Hub must start before huggingface_hub is imported"
+from erasepro_hub.testing.hub import DEFAULT_USERS, HubServer  # noqa: E402  (standard library + PyYAML only)
+
+HUB = HubServer(_HUB_ROOT).start()
+os.environ.update(
+    HF_ENDPOINT=HUB.endpoint,
+    HF_HOME=_HF_HOME,
+    HF_HUB_OFFLINE="0",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    TRANSFORMERS_VERBOSITY="error",
+    DIFFUSERS_VERBOSITY="error",
+)
+os.environ.pop("HF_TOKEN", None)
+atexit.register(lambda: (HUB.stop(), shutil.rmtree(_HUB_ROOT, True), shutil.rmtree(_HF_HOME, True)))
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+TOKENS = {user: token for token, user in DEFAULT_USERS.items()}
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "manifests" / "demo.yaml"
@@ -65,3 +90,9 @@ def demo_uce_folder(tmp_path_factory) -> Path:
 def erase_variant(tmp_path_factory):
     """Erase the demo manifest with an edit applied: ``erase_variant("name", fn)``."""
     return lambda name, edit: _erase(tmp_path_factory, name, edit)
+
+
+@pytest.fixture(scope="session")
+def hub() -> HubServer:
+    """The local Hub (shared by the session; tests use their own repository names)."""
+    return HUB

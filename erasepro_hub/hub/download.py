@@ -9,6 +9,7 @@ from ..errors import BaseModelError, HubError
 #: Files the solver reads from a diffusers repository (the VAE and safety checker are never fetched).
 BASE_MODEL_PATTERNS = [
     "model_index.json",
+    "README.md",
     "tokenizer/*",
     "tokenizer_2/*",
     "text_encoder/config.json",

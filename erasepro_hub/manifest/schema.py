@@ -261,6 +261,8 @@ class Outputs(_Strict):
     """Written by ``erase``: what was produced and how to check it."""
 
     recipe_sha256: str
+    family: Literal["sd1", "sd2", "sdxl"]
+    base_license: str | None = None
     adapter_file: str
     files: dict[str, str]
     base_fingerprints: dict[str, dict[str, str]]

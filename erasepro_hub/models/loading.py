@@ -40,6 +40,26 @@ def _read_json(path: Path) -> dict:
         raise BaseModelError(f"base_model.id: {path} is not valid JSON ({exc})") from None
 
 
+def read_card_license(folder: str | Path) -> str | None:
+    """The ``license`` of a model folder's README.md front matter, if it has one."""
+    import re
+
+    import yaml
+
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return None
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", card.read_text(encoding="utf-8", errors="replace"), re.S)
+    if not match:
+        return None
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    value = data.get("license") if isinstance(data, dict) else None
+    return str(value) if value else None
+
+
 def detect_family(folder: Path) -> str:
     """``sd1``, ``sd2`` or ``sdxl`` from a diffusers folder's ``model_index.json``."""
     index = _read_json(folder / "model_index.json")

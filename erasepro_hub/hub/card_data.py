@@ -1,0 +1,55 @@
+"""Model-card metadata (the YAML front matter) in the Hub's own format, built with ``ModelCardData``.
+
+Evaluation results go into ``model-index`` through :class:`huggingface_hub.EvalResult`, so the Hub
+shows them as it shows any other model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: (metric key in metrics.json, prompt set, human name of the metric). The Hub groups results by
+#: dataset *type*, so each prompt set has its own type.
+CARD_METRICS = (
+    ("residual_train", "training", "K/V residual, target vs anchor (lower is better)"),
+    ("pooled_residual_train", "training", "pooled-embedding residual (lower is better)"),
+    ("residual_heldout", "held-out", "K/V residual, target vs anchor (lower is better)"),
+    ("preserve_drift", "preserve", "K/V drift of unrelated prompts (lower is better)"),
+)
+
+
+def card_metadata(
+    *,
+    model_name: str,
+    base_model: str | None,
+    license: str | None,
+    tags: list[str],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """The front matter as a plain dict (``base_model`` only for Hub base models)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [
+        EvalResult(
+            task_type="text-to-image",
+            task_name="concept erasure",
+            dataset_type=f"erasepro-{dataset}-prompts",
+            dataset_name=f"{dataset} prompts",
+            metric_type=key,
+            metric_name=name,
+            metric_value=float(metrics[key]),
+        )
+        for key, dataset, name in CARD_METRICS
+        if metrics.get(key) is not None
+    ]
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="adapter" if base_model else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license,
+        tags=tags,
+        model_name=model_name,
+        eval_results=results or None,
+    )
+    return data.to_dict()
