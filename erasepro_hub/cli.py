@@ -41,13 +41,13 @@ def _print_summary(path: Path) -> None:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .erase import current_command, erase
+    from .erase import erase
 
     bar, step = _solve_progress("erase")
     try:
         out = erase(
             args.manifest, args.out, overwrite=args.overwrite, device=args.device, progress=step,
-            command=current_command(),
+            command=args.command_line,
         )
     finally:
         bar.close()
@@ -57,13 +57,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_regenerate(args: argparse.Namespace) -> int:
-    from .erase import current_command, regenerate
+    from .erase import regenerate
 
     bar, step = _solve_progress("regenerate")
     try:
         result = regenerate(
             args.folder, verify=args.verify, out=args.out, overwrite=args.overwrite, device=args.device,
-            progress=step, command=current_command(),
+            progress=step, command=args.command_line,
         )
     finally:
         bar.close()
@@ -182,6 +182,44 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.images import ImageOptions
+    from .evaluation import evaluate_folder
+
+    options = ImageOptions(
+        clip_model=args.clip_model, steps=args.steps, guidance=args.guidance, height=args.size, width=args.size,
+        images_per_prompt=args.images_per_prompt, seed=args.seed, max_prompts=args.max_prompts, detector=args.detector,
+    )
+    metrics = evaluate_folder(args.folder, prompts=args.prompts, images=args.images, options=options, device=args.device)
+    if not metrics:  # a non-main process of a distributed run
+        return 0
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for key in ("baseline_uce", "images"):
+        if key in metrics:
+            summary[key] = {k: v for k, v in metrics[key].items() if not isinstance(v, dict)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation import compare, markdown_table, parse_variant, write_comparison
+
+    variants = [parse_variant(m) for m in (args.methods.split(",") if args.methods else [])]
+    variants += [parse_variant(v) for v in args.variant or []]
+    if not variants:
+        variants = [parse_variant(m) for m in ("uce", "erasepro-kv", "erasepro")]
+    bar, step = _solve_progress("compare")
+    try:
+        rows = compare(args.manifests, variants, prompts=args.prompts, device=args.device, progress=step)
+    finally:
+        bar.close()
+    if args.out:
+        for path in write_comparison(rows, args.out, command=args.command_line):
+            print(f"wrote {path}", file=sys.stderr)
+    print(markdown_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erasepro",
@@ -226,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="the revision the card's snippet loads (default main)")
     p.set_defaults(func=cmd_card)
 
+    p = sub.add_parser("eval", help="measure an erasure (feature metrics, UCE baseline, optional images)")
+    p.add_argument("folder")
+    p.add_argument("--prompts", help="extra prompts: a .json/.jsonl/.csv/.parquet file or a Hub dataset org/name[@rev][:split]")
+    p.add_argument("--images", action="store_true", help="also generate images and compute image metrics (GPU users)")
+    p.add_argument("--clip-model", help="CLIP model id or folder for image metrics")
+    p.add_argument("--detector", help="package.module:function scoring images (e.g. a nudity classifier)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--size", type=int, help="image height and width (default: the pipeline's)")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--max-prompts", type=int, help="use at most this many prompts per set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="run methods and setting variants on the same prompts, side by side")
+    p.add_argument("manifests", nargs="+", help="one or more manifests (one table section each)")
+    p.add_argument("--methods", help="comma-separated methods, e.g. uce,erasepro-kv,erasepro (the default)")
+    p.add_argument("--variant", action="append", help="a named variant: NAME:key=value[,key=value] (dotted manifest keys)")
+    p.add_argument("--prompts", help="extra held-out/preserve prompts, as for eval")
+    p.add_argument("--out", help="write compare.md and compare.json into this folder")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("inspect", help="summarise an erasure folder and check its files")
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -248,7 +310,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = ["erasepro", *argv]
     _configure_logging(args.verbose)
     try:
         with warnings.catch_warnings():

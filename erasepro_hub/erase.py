@@ -12,7 +12,6 @@ import datetime as _dt
 import json
 import logging
 import platform
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -308,6 +307,30 @@ def write_folder(
     return Path(out)
 
 
+def update_folder(folder: str | Path, manifest: Manifest, metrics: dict) -> Path:
+    """Replace an erasure folder's metrics (metrics.json, the manifest, the card), atomically.
+
+    The adapter and the recipe are untouched; ``outputs.files`` gets the new hash of metrics.json.
+    """
+    import shutil
+
+    folder = Path(folder)
+    assert manifest.outputs is not None
+    with atomic_folder(folder, overwrite=True) as tmp:
+        for item in folder.iterdir():
+            if item.name in (METRICS_FILE, MANIFEST_FILE, "README.md") or item.suffix == ".png" and item.name != "samples.png":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        data = to_data(manifest)
+        data["outputs"]["files"][METRICS_FILE] = file_sha256(tmp / METRICS_FILE)
+        data["metrics"] = metrics
+        updated = Manifest.model_validate(data)
+        (tmp / MANIFEST_FILE).write_text(dump_yaml(updated), encoding="utf-8")
+        write_card(tmp, updated)
+    return folder
+
+
 def default_out(recipe: Recipe, manifest_path: str | Path | None) -> Path:
     name = recipe.name or (Path(manifest_path).stem if manifest_path else "erasure")
     return Path("erasures") / name
@@ -418,7 +441,3 @@ def regenerate(
                 break
     worst = max(per_site.values(), default=0.0)
     return RegenerateReport(opened.path, worst, manifest.outputs.regenerate_atol, per_site, problems)
-
-
-def current_command() -> list[str]:
-    return ["erasepro", *sys.argv[1:]]

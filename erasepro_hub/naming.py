@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from torch import nn
 
-TE_LAYER_KEY = "{component}.text_model.encoder.layers.{layer}.{site}"
 KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
 
 
@@ -22,6 +21,8 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
         KeyError: no such module under either spelling.
     """
     candidates = [path]
+    if not path:
+        return root
     if path.startswith("text_model."):
         candidates.append(path[len("text_model.") :])
     else:

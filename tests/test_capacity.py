@@ -18,7 +18,9 @@ MANY = [
 
 
 def over_capacity(data):
+    # the K/V stage alone (with the progressive default, the text-encoder stages already absorb the edit)
     data["prompts"]["templates"] = MANY
+    data["method"] = "erasepro-kv"
 
 
 def test_beyond_capacity_reports_rank_and_residual(erase_variant, capsys):
@@ -28,15 +30,23 @@ def test_beyond_capacity_reports_rank_and_residual(erase_variant, capsys):
     assert "253 constraints exceed the input width 192" in err
     manifest = load_manifest(folder / "erasepro.yaml")
     kv = [s for s in manifest.outputs.sites if s.name.startswith("unet.")]
-    te = [s for s in manifest.outputs.sites if not s.name.startswith("unet.")]
-    assert kv and te
+    assert len(kv) == 8 == len(manifest.outputs.sites)
     for site in kv:  # least squares: rank capped at the input width, residual reported
         assert site.n_constraints > 192
         assert site.rank == 192
         assert site.residual > 1e-3
-    for site in te:  # the wider text-encoder sites still fit: exact
-        assert site.rank == site.n_constraints and site.residual <= 1e-10
     assert manifest.metrics["residual_train"] > 1e-3
+
+
+def test_the_progressive_solve_absorbs_it_in_the_wider_text_encoder_sites(erase_variant):
+    """The same prompts with method erasepro: the 768-wide mlp.fc2 stages hold all 253 constraints."""
+    folder = erase_variant("over-capacity-progressive", lambda d: d["prompts"].update(templates=MANY))
+    manifest = load_manifest(folder / "erasepro.yaml")
+    te = [s for s in manifest.outputs.sites if not s.name.startswith("unet.")]
+    assert len(te) == 4
+    for site in te:
+        assert site.n_constraints == 253 and site.rank == 253 and site.residual <= 1e-10
+    assert manifest.metrics["residual_train"] <= 1e-5
 
 
 def test_beyond_capacity_under_strict_fails_and_writes_nothing(tmp_path, capsys):

@@ -67,19 +67,19 @@ def check_shapes(modules: Mapping[str, nn.Module], deltas: Mapping[str, LowRankD
             )
 
 
-def check_fingerprints(modules: Mapping[str, nn.Module], recorded: Mapping[str, Mapping[str, str]], base: str) -> None:
-    """Raise :class:`BaseMismatchError` naming the first module whose weight differs from the recorded base."""
-    for key, module in modules.items():
+def check_fingerprints(weights: Mapping[str, torch.Tensor], recorded: Mapping[str, Mapping[str, str]], base: str) -> None:
+    """Raise :class:`BaseMismatchError` naming the first weight that differs from the recorded base."""
+    for key, weight in weights.items():
         prints = recorded.get(key)
         if prints is None:
             raise BaseMismatchError(f"the manifest records no fingerprint for {key}; cannot verify the base weights")
-        dtype = dtype_name(module.weight.dtype)
+        dtype = dtype_name(weight.dtype)
         if dtype not in prints:
             raise BaseMismatchError(
                 f"{key} is in {dtype}; fingerprints are recorded for {', '.join(prints)} only. Load the pipeline in "
                 "one of those dtypes, or pass verify_base=False"
             )
-        if weight_fingerprint(module.weight) != prints[dtype]:
+        if weight_fingerprint(weight) != prints[dtype]:
             raise BaseMismatchError(
                 f"the pipeline's weights differ from the base this adapter was made for, first at {key}. "
                 f"Load {base}, or pass verify_base=False if you know the weights are equivalent"
@@ -200,7 +200,7 @@ def load_adapter(
         manifest = folder.manifest
         assert manifest.outputs is not None
         base = manifest.base_model.id + (f"@{manifest.base_model.revision}" if manifest.base_model.revision else "")
-        check_fingerprints(modules, manifest.outputs.base_fingerprints, base)
+        check_fingerprints({k: m.weight for k, m in modules.items()}, manifest.outputs.base_fingerprints, base)
     return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source)
 
 

@@ -16,7 +16,8 @@ def short_site(key: str) -> str:
     """``text_encoder.….layers.3.mlp.fc2`` → ``te L3``; ``unet.down_blocks.0….attn2.to_k`` → ``down0 k``."""
     parts = key.split(".")
     if key.startswith("text_encoder"):
-        layer = parts[parts.index("layers") + 1] if "layers" in parts else "?"
+        marker = "layers" if "layers" in parts else "layer"
+        layer = parts[parts.index(marker) + 1] if marker in parts else "?"
         return ("te2 L" if key.startswith("text_encoder_2") else "te L") + layer
     block = parts[1].replace("_blocks", "").replace("_block", "")
     index = parts[2] if parts[1] != "mid_block" else ""

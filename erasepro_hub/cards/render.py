@@ -81,6 +81,17 @@ METRIC_ROWS = (
 )
 
 
+IMAGE_ROWS = (
+    ("clip_score_target", "CLIP score vs the erased concept, its prompts"),
+    ("zero_shot_target_accuracy", "zero-shot CLIP accuracy for the erased concept"),
+    ("detector_score_target", "detector score, its prompts"),
+)
+IMAGE_PAIR_ROWS = (
+    ("clip_fid_preserve", "CLIP-FID edited vs base, caption prompts"),
+    ("clip_kid_preserve", "CLIP-KID edited vs base, caption prompts"),
+)
+
+
 def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None) -> dict:
     """Everything the template needs, as plain data (no I/O)."""
     from ..hub.card_data import card_metadata
@@ -118,7 +129,22 @@ def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: st
     )
     recipe_yaml = dump_yaml(manifest.recipe())
     sites = outputs.sites if outputs is not None else []
-    rows = [{"name": label, "value": _fmt(float(metrics[key]))} for key, label in METRIC_ROWS if metrics.get(key) is not None]
+    baseline = metrics.get("baseline_uce") or {}
+    rows = [
+        {"name": label, "value": _fmt(float(metrics[key])),
+         "baseline": _fmt(float(baseline[key])) if baseline.get(key) is not None else "–"}
+        for key, label in METRIC_ROWS
+        if metrics.get(key) is not None
+    ]
+    images = metrics.get("images") or {}
+    image_rows = [
+        {"name": label, "base": _fmt(float(images[f"{key}_base"])), "edited": _fmt(float(images[f"{key}_edited"]))}
+        for key, label in IMAGE_ROWS
+        if images.get(f"{key}_base") is not None
+    ]
+    image_rows += [
+        {"name": label, "base": "–", "edited": _fmt(float(images[key]))} for key, label in IMAGE_PAIR_ROWS if images.get(key) is not None
+    ]
     provenance = manifest.provenance
     libraries = sorted((provenance.libraries if provenance else {}).items())
     return {
@@ -138,6 +164,9 @@ def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: st
         "revision_is_commit": bool(re.fullmatch(r"[0-9a-f]{40}", revision)),
         "revision_is_tag": revision not in ("main",) and not revision.startswith("refs/heads/"),
         "metrics": rows,
+        "has_baseline": bool(baseline) and manifest.method != "uce",
+        "image_rows": image_rows,
+        "image_info": {k: images.get(k) for k in ("clip_model", "n_target_images", "n_preserve_images", "steps")},
         "plot": PLOT_FILE,
         "recipe_yaml": recipe_yaml,
         "fence": _fence(recipe_yaml),
@@ -157,7 +186,10 @@ def write_card(folder: str | Path, manifest: Manifest, *, repo_id: str | None = 
     from .plot import site_norm_plot
 
     folder = Path(folder)
-    norms = {s.name: s.delta_norm_rel for s in manifest.outputs.sites} if manifest.outputs else {}
-    site_norm_plot({manifest.method: norms}, folder / PLOT_FILE, title=f"{manifest.name or 'erasure'}: per-site update norm")
+    series = {manifest.method: {s.name: s.delta_norm_rel for s in manifest.outputs.sites} if manifest.outputs else {}}
+    baseline = (manifest.metrics or {}).get("baseline_uce") or {}
+    if baseline.get("delta_norm_rel") and manifest.method != "uce":
+        series["uce (baseline, same prompts)"] = baseline["delta_norm_rel"]
+    site_norm_plot(series, folder / PLOT_FILE, title=f"{manifest.name or 'erasure'}: per-site update norm")
     (folder / "README.md").write_text(render_card(manifest, repo_id=repo_id, revision=revision), encoding="utf-8")
     return ["README.md", PLOT_FILE]

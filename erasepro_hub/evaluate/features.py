@@ -3,9 +3,11 @@
 * ``residual_train`` — ``||K'(target) − K(anchor)||_F / ||K(anchor)||_F`` at the constrained
   positions of the solver's own prompts, per cross-attention site; reported as the
   mean over ``to_k`` sites (``_k``), over ``to_v`` sites (``_v``) and over all.
-* ``residual_heldout`` — the same on held-out pairs the solver never saw.
+* ``residual_heldout`` — the same on held-out pairs the solver never saw; ``residual_heldout_all``
+  measures it over every position of the padded window, so token policies can be compared.
 * ``preserve_drift`` — ``||K'(p) − K(p)||_F / ||K(p)||_F`` over every position of preserve
-  and unrelated prompts.
+  and unrelated prompts; ``drift_preserve_concepts`` and ``drift_unrelated`` split it into the
+  prompts built from the preserve concepts and the unrelated evaluation prompts.
 * ``delta_norm_rel[site]`` — ``||ΔW||_F / ||W||_F``.
 
 ``K'`` is computed as the adapter-loaded pipeline computes it: the edited text
@@ -158,14 +160,22 @@ def feature_metrics(
     if heldout:
         held, held_pooled = pair_residuals(model, deltas, heldout, token_policy)
         metrics.update(held.summary("residual_heldout"))
+        metrics["residual_heldout_all"] = pair_residuals(model, deltas, heldout, "all")[0].mean()
         if held_pooled is not None:
             metrics["pooled_residual_heldout"] = held_pooled
     else:
-        metrics.update({"residual_heldout": None, "residual_heldout_k": None, "residual_heldout_v": None})
+        metrics.update({"residual_heldout": None, "residual_heldout_k": None, "residual_heldout_v": None,
+                        "residual_heldout_all": None})
     if preserve:
         metrics.update(drift(model, deltas, preserve).summary("preserve_drift"))
     else:
         metrics.update({"preserve_drift": None, "preserve_drift_k": None, "preserve_drift_v": None})
+    # the two kinds of prompts inside preserve_drift: those built from preserve concepts (the solver saw
+    # them under soft/exact preservation) and unrelated ones (it never did)
+    concept_prompts = [p for p in preserve if p.prefix is not None]
+    unrelated = [p for p in preserve if p.prefix is None]
+    metrics["drift_preserve_concepts"] = drift(model, deltas, concept_prompts).mean() if concept_prompts else None
+    metrics["drift_unrelated"] = drift(model, deltas, unrelated).mean() if unrelated else None
     norms = delta_norms(model, deltas)
     metrics["delta_norm_rel"] = norms
     metrics["delta_norm_total"] = float(sum(d.frobenius_norm() ** 2 for d in deltas.values()) ** 0.5)

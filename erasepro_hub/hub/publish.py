@@ -186,14 +186,14 @@ def _record(folder: Path, name: str, entry: dict) -> None:
     path.write_text(json.dumps(entries, indent=2) + "\n")
 
 
-def resolve(repo_id: str, revision: str | None, *, token: str | None = None) -> str:
-    """The commit sha of ``repo_id@revision``."""
+def resolve(repo_id: str, revision: str | None, *, token: str | None = None, repo_type: str = "model") -> str:
+    """The commit sha of ``repo_id@revision`` (a model repository unless ``repo_type`` says otherwise)."""
     from huggingface_hub import HfApi
 
     if revision is not None and SHA_RE.match(revision):
         return revision
     with hub_errors("resolve revision", repo_id):
-        return str(HfApi(token=token).repo_info(repo_id, revision=revision or "main").sha)
+        return str(HfApi(token=token).repo_info(repo_id, revision=revision or "main", repo_type=repo_type).sha)
 
 
 def download(repo_id: str, revision: str | None = None, *, token: str | None = None) -> tuple[Path, str]:

@@ -129,7 +129,8 @@ class Preserve(_Strict):
     concepts: list[str] = Field(default_factory=list)
     templates: list[Template] | None = None
     mode: Literal["none", "soft", "exact"] = "soft"
-    weight: float = Field(default=1.0, ge=0)
+    #: λ_p; 0.1 was chosen by measurement (docs/defaults.md)
+    weight: float = Field(default=0.1, ge=0)
 
     @field_validator("concepts")
     @classmethod
@@ -167,9 +168,10 @@ class TextEncoderSettings(_Strict):
     equals the anchor's; ``ignore`` leaves it alone.
     """
 
+    # defaults chosen by measurement (docs/defaults.md): mlp.fc2, every layer, stream
     site: Literal["mlp.fc2", "mlp.fc1", "self_attn.out_proj"] = "mlp.fc2"
     depth: int | None = Field(default=None, ge=0)
-    target_mode: Literal["site", "stream"] = "site"
+    target_mode: Literal["site", "stream"] = "stream"
     pooled: Literal["match", "ignore"] = "match"
 
     @model_validator(mode="after")
@@ -177,7 +179,7 @@ class TextEncoderSettings(_Strict):
         if self.target_mode == "stream" and self.site == "mlp.fc1":
             raise ValueError(
                 "target_mode 'stream' needs a site whose output is added to the residual stream: "
-                "use site mlp.fc2 or self_attn.out_proj, or target_mode 'site'"
+                "use site mlp.fc2 or self_attn.out_proj, or set target_mode: site for mlp.fc1"
             )
         return self
 
@@ -261,7 +263,7 @@ class Outputs(_Strict):
     """Written by ``erase``: what was produced and how to check it."""
 
     recipe_sha256: str
-    family: Literal["sd1", "sd2", "sdxl"]
+    family: Literal["sd1", "sd2", "sdxl", "bert"]
     base_license: str | None = None
     adapter_file: str
     files: dict[str, str]

@@ -19,9 +19,59 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..naming import KV_SUFFIXES, TE_LAYER_KEY, get_module
+from ..naming import KV_SUFFIXES, get_module
 
 TE_SITES = ("mlp.fc2", "mlp.fc1", "self_attn.out_proj")
+
+
+@dataclass(frozen=True)
+class StreamPoint:
+    """Where a ``stream``-mode site meets the residual stream, relative to its layer.
+
+    ``anchor``: ``(module path, "input" | "output")`` — the stream value the anchor prompts produce there
+    (what the target prompts must reproduce). ``residual``: ``(module path, positional argument)`` — the
+    tensor the site's output is added to, read on the target prompts.
+    """
+
+    anchor: tuple[str, str]
+    residual: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TextArch:
+    """Module names of a text-encoder architecture, mapped to the three canonical site names.
+
+    CLIP (pre-LN): ``mlp.fc1``, ``mlp.fc2``, ``self_attn.out_proj``. BERT (post-LN): ``intermediate.dense``,
+    ``output.dense``, ``attention.output.dense``; its residual sums are the inputs of the LayerNorms.
+    """
+
+    name: str
+    layers_path: str
+    sites: dict[str, str]
+    stream: dict[str, StreamPoint]
+
+    def key(self, component: str, layer: int, site: str) -> str:
+        return f"{component}.{self.layers_path}.{layer}.{self.sites[site]}"
+
+
+CLIP = TextArch(
+    "clip",
+    "text_model.encoder.layers",
+    {"mlp.fc2": "mlp.fc2", "mlp.fc1": "mlp.fc1", "self_attn.out_proj": "self_attn.out_proj"},
+    {
+        "mlp.fc2": StreamPoint(("", "output"), ("layer_norm2", 0)),
+        "self_attn.out_proj": StreamPoint(("layer_norm2", "input"), ("layer_norm1", 0)),
+    },
+)
+BERT = TextArch(
+    "bert",
+    "encoder.layer",
+    {"mlp.fc2": "output.dense", "mlp.fc1": "intermediate.dense", "self_attn.out_proj": "attention.output.dense"},
+    {
+        "mlp.fc2": StreamPoint(("output.LayerNorm", "input"), ("output", 1)),
+        "self_attn.out_proj": StreamPoint(("attention.output.LayerNorm", "input"), ("attention.output", 1)),
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -37,12 +87,15 @@ class EncoderSpec:
     component: str
     embed: Literal["last", "penultimate"]
     pooled: bool = False
+    arch: TextArch = CLIP
 
 
 FAMILIES: dict[str, tuple[EncoderSpec, ...]] = {
     "sd1": (EncoderSpec("text_encoder", "last"),),
     "sd2": (EncoderSpec("text_encoder", "last"),),
     "sdxl": (EncoderSpec("text_encoder", "penultimate"), EncoderSpec("text_encoder_2", "penultimate", pooled=True)),
+    # a BERT text encoder (bidirectional; used by builtin:minilm-sd)
+    "bert": (EncoderSpec("text_encoder", "last", arch=BERT),),
 }
 
 
@@ -71,8 +124,12 @@ class TextEncoder:
         return self.spec.component
 
     @property
+    def arch(self) -> TextArch:
+        return self.spec.arch
+
+    @property
     def layers(self) -> nn.ModuleList:
-        return get_module(self.model, "text_model.encoder.layers")  # type: ignore[return-value]
+        return get_module(self.model, self.arch.layers_path)  # type: ignore[return-value]
 
     @property
     def num_layers(self) -> int:
@@ -88,14 +145,10 @@ class TextEncoder:
         return int(self.tokenizer.model_max_length)
 
     def site_key(self, layer: int, site: str) -> str:
-        return TE_LAYER_KEY.format(component=self.component, layer=layer, site=site)
+        return self.arch.key(self.component, layer, site)
 
     def site_module(self, layer: int, site: str) -> nn.Linear:
-        return get_module(self.layers[layer], site)  # type: ignore[return-value]
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return get_module(self.model, "text_model.final_layer_norm")
+        return get_module(self.layers[layer], self.arch.sites[site])  # type: ignore[return-value]
 
 
 @dataclass

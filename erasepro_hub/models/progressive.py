@@ -232,6 +232,10 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
             stages[te.component].append(
                 _Stage(te.site_key(layer, plan.te_site), layer, plan.te_site, plan.te_target_mode, eos=False)
             )
+        if plan.te_target_mode == "stream" and plan.te_site not in te.arch.stream:
+            raise ManifestError(
+                f"text_encoder.target_mode: 'stream' is not available for site {plan.te_site} of {te.component}"
+            )
         if te.spec.pooled and plan.pooled == "match":
             last = te.num_layers - 1
             stages[te.component].append(_Stage(te.site_key(last, "mlp.fc2"), last, "mlp.fc2", "stream", eos=True))
@@ -294,19 +298,21 @@ def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, t
                 captured[stage.name] = out - bias if bias is not None else out
 
             registrations.append(lambda m=module, h=site_hook: m.register_forward_hook(h))
-        elif stage.site == "mlp.fc2":  # stream: the layer's output
+        else:  # stream: the residual-stream value the anchor prompts produce at this point
+            where, kind = te.arch.stream[stage.site].anchor
+            point = get_module(layer, where)
+            if kind == "output":
 
-            def layer_hook(mod, args, output, stage=stage, pos=pos):
-                captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
+                def out_hook(mod, args, output, stage=stage, pos=pos):
+                    captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
 
-            registrations.append(lambda m=layer, h=layer_hook: m.register_forward_hook(h))
-        else:  # stream at out_proj: the residual stream after attention = layer_norm2's input
+                registrations.append(lambda m=point, h=out_hook: m.register_forward_hook(h))
+            else:
 
-            def mid_hook(mod, args, stage=stage, pos=pos):
-                captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
+                def in_hook(mod, args, stage=stage, pos=pos):
+                    captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
 
-            norm = get_module(layer, "layer_norm2")
-            registrations.append(lambda m=norm, h=mid_hook: m.register_forward_pre_hook(h))
+                registrations.append(lambda m=point, h=in_hook: m.register_forward_pre_hook(h))
     with _hooks(registrations):
         embeds, _ = run_encoder(te, ids)
     return captured, embeds
@@ -331,12 +337,13 @@ def _target_pass(
         layer = te.layers[stage.layer]
         module = te.site_module(stage.layer, stage.site)
         if stage.mode == "stream":
-            norm = get_module(layer, "layer_norm2" if stage.site == "mlp.fc2" else "layer_norm1")
+            where, index = te.arch.stream[stage.site].residual
 
-            def stash_hook(mod, args, stage=stage):
-                stash[stage.name] = args[0]
+            def stash_hook(mod, args, stage=stage, index=index):
+                stash[stage.name] = args[index]
 
-            registrations.append(lambda m=norm, h=stash_hook: m.register_forward_pre_hook(h))
+            point = get_module(layer, where)
+            registrations.append(lambda m=point, h=stash_hook: m.register_forward_pre_hook(h))
 
         def solve_hook(mod, args, output, stage=stage, pos=pos, p_rows=p_rows, p_pos=p_pos):
             x = args[0]

@@ -84,7 +84,8 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> Encoded:
     length = int(tokenizer.model_max_length)
     texts = [p.text for p in prompts]
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    eos_id = tokenizer.eos_token_id
+    # the end-of-text token: CLIP's <|endoftext|>, BERT's [SEP]
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     eos = []
     for row, text in zip(ids, texts):
         hits = (row == eos_id).nonzero()
