@@ -219,6 +219,7 @@ def _site_records(comp: Computation) -> list[SiteRecord]:
                 stage=site.stage,
                 shape=list(site.delta.shape),
                 rank=r.rank,
+                update_rank=r.update_rank,
                 n_constraints=r.n_constraints,
                 residual=r.residual,
                 preserve_residual=r.preserve_residual,
@@ -231,7 +232,8 @@ def _site_records(comp: Computation) -> list[SiteRecord]:
 
 
 def _fingerprints(comp: Computation) -> dict[str, dict[str, str]]:
-    return {key: weight_fingerprints(comp.model.weight(key)) for key in comp.stored}
+    """Every weight the solve read (stored update or not): the erasure is only valid on these."""
+    return {site.key: weight_fingerprints(comp.model.weight(site.key)) for site in comp.solution.sites}
 
 
 def _regenerate_atol(deltas: dict[str, LowRankDelta]) -> float:

@@ -200,7 +200,10 @@ def load_adapter(
         manifest = folder.manifest
         assert manifest.outputs is not None
         base = manifest.base_model.id + (f"@{manifest.base_model.revision}" if manifest.base_model.revision else "")
-        check_fingerprints({k: m.weight for k, m in modules.items()}, manifest.outputs.base_fingerprints, base)
+        # every weight the solve read, also where nothing is stored (the update there was zero)
+        recorded = manifest.outputs.base_fingerprints
+        checked = {key: (modules[key] if key in modules else resolve_site(pipe, key)).weight for key in recorded}
+        check_fingerprints(checked, recorded, base)
     return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source)
 
 

@@ -36,7 +36,9 @@ class SiteResiduals:
 
     def mean(self, suffix: str = "") -> float | None:
         values = [v for k, v in self.per_site.items() if k.endswith(suffix)]
-        return float(sum(values) / len(values)) if values else None
+        if not values or any(v != v for v in values):  # an empty group (no such prompts) has no value
+            return None
+        return float(sum(values) / len(values))
 
     def summary(self, prefix: str) -> dict[str, float | None]:
         return {
@@ -86,15 +88,27 @@ def _kv(weight: torch.Tensor, delta: LowRankDelta | None, x: torch.Tensor) -> to
 
 
 def _site_residuals(
-    model: EditModel, deltas: Mapping[str, LowRankDelta], x_edit: torch.Tensor, y_orig: torch.Tensor
-) -> SiteResiduals:
-    per_site = {}
+    model: EditModel,
+    deltas: Mapping[str, LowRankDelta],
+    x_edit: torch.Tensor,
+    y_orig: torch.Tensor,
+    groups: Mapping[str, torch.Tensor],
+) -> dict[str, SiteResiduals]:
+    """Per site, ``||K'(x) − K(y)||_F / ||K(y)||_F`` over the rows selected by each boolean mask in ``groups``."""
+    out: dict[str, dict[str, float]] = {name: {} for name in groups}
     for key, weight in model.kv_weights.items():
         reference = _kv(weight, None, y_orig).double()
         edited = _kv(weight, deltas.get(key), x_edit).double()
-        denom = float(torch.linalg.norm(reference))
-        per_site[key] = float(torch.linalg.norm(edited - reference)) / denom if denom > 0 else 0.0
-    return SiteResiduals(per_site)
+        diff2 = (edited - reference).square().sum(-1)
+        ref2 = reference.square().sum(-1)
+        for name, mask in groups.items():
+            if not bool(mask.any()):
+                out[name][key] = float("nan")
+                continue
+            denom = float(ref2[mask].sum())
+            num = float(diff2[mask].sum())
+            out[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
+    return {name: SiteResiduals(values) for name, values in out.items()}
 
 
 @torch.no_grad()
@@ -103,35 +117,54 @@ def pair_residuals(
     deltas: Mapping[str, LowRankDelta],
     pairs: Sequence[PromptPair],
     token_policy: str,
-) -> tuple[SiteResiduals, float | None]:
-    """K/V residuals of target prompts (edited) against anchor prompts (original), and the pooled residual."""
+    *extra_policies: str,
+) -> tuple[SiteResiduals, float | None] | tuple[dict[str, SiteResiduals], float | None]:
+    """K/V residuals of target prompts (edited) against anchor prompts (original), and the pooled residual.
+
+    With ``extra_policies`` the residuals come back as ``{policy: SiteResiduals}`` for every policy,
+    from one pass over the prompts.
+    """
     anchor_keys: dict[tuple[str, str | None], int] = {}
     rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
     targets = [Prompt(p.target, p.prefix) for p in pairs]
     anchors = [Prompt(t, prefix) for t, prefix in anchor_keys]
     enc_t, enc_a = _ids(model, targets), _ids(model, anchors)
-    positions = pair_positions(token_policy, pairs, enc_t[0], enc_a[0], rows)
     orig, orig_pooled = prompt_embeddings(model, [e.ids for e in enc_a])
     with EditedEncoders(model, deltas):
         edit, edit_pooled = prompt_embeddings(model, [e.ids for e in enc_t])
-    x = edit[positions.t_rows, positions.t_pos]
-    y = orig[positions.a_rows, positions.a_pos]
+    results = {}
+    for policy in (token_policy, *extra_policies):
+        positions = pair_positions(policy, pairs, enc_t[0], enc_a[0], rows)
+        x = edit[positions.t_rows, positions.t_pos]
+        y = orig[positions.a_rows, positions.a_pos]
+        results[policy] = _site_residuals(model, deltas, x, y, {"all": torch.ones(len(x), dtype=torch.bool)})["all"]
     pooled = None
     if orig_pooled is not None and edit_pooled is not None:
         reference = orig_pooled[torch.tensor(rows)].double()
         pooled = float(torch.linalg.norm(edit_pooled.double() - reference) / torch.linalg.norm(reference))
-    return _site_residuals(model, deltas, x, y), pooled
+    return (results if extra_policies else results[token_policy]), pooled
 
 
 @torch.no_grad()
-def drift(model: EditModel, deltas: Mapping[str, LowRankDelta], prompts: Sequence[Prompt]) -> SiteResiduals:
-    """K/V drift of prompts that should be unaffected, over every position."""
+def drift(
+    model: EditModel, deltas: Mapping[str, LowRankDelta], prompts: Sequence[Prompt], *, by_prefix: bool = False
+) -> SiteResiduals | dict[str, SiteResiduals]:
+    """K/V drift of prompts that should be unaffected, over every position.
+
+    With ``by_prefix``: ``{"all", "concepts", "unrelated"}`` — all prompts, those built from a template
+    (preserve concepts), and the others — from one pass.
+    """
     enc = _ids(model, [Prompt(p.text, None) for p in prompts])
     rows, pos = single_positions("all", enc[0])
     orig, _ = prompt_embeddings(model, [e.ids for e in enc])
     with EditedEncoders(model, deltas):
         edit, _ = prompt_embeddings(model, [e.ids for e in enc])
-    return _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos])
+    templated = torch.tensor([p.prefix is not None for p in prompts])[rows]
+    groups = {"all": torch.ones_like(templated)}
+    if by_prefix:
+        groups.update(concepts=templated, unrelated=~templated)
+    result = _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos], groups)
+    return result if by_prefix else result["all"]
 
 
 def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[str, float]:
@@ -158,24 +191,24 @@ def feature_metrics(
     if pooled is not None:
         metrics["pooled_residual_train"] = pooled
     if heldout:
-        held, held_pooled = pair_residuals(model, deltas, heldout, token_policy)
-        metrics.update(held.summary("residual_heldout"))
-        metrics["residual_heldout_all"] = pair_residuals(model, deltas, heldout, "all")[0].mean()
+        held_by_policy, held_pooled = pair_residuals(model, deltas, heldout, token_policy, "all")
+        metrics.update(held_by_policy[token_policy].summary("residual_heldout"))
+        metrics["residual_heldout_all"] = held_by_policy["all"].mean()
         if held_pooled is not None:
             metrics["pooled_residual_heldout"] = held_pooled
     else:
         metrics.update({"residual_heldout": None, "residual_heldout_k": None, "residual_heldout_v": None,
                         "residual_heldout_all": None})
+    # preserve_drift, and the two kinds of prompts inside it: those built from preserve concepts (the
+    # solver saw them under soft/exact preservation) and unrelated ones (it never did)
     if preserve:
-        metrics.update(drift(model, deltas, preserve).summary("preserve_drift"))
+        drifts = drift(model, deltas, preserve, by_prefix=True)
+        metrics.update(drifts["all"].summary("preserve_drift"))
+        metrics["drift_preserve_concepts"] = drifts["concepts"].mean()
+        metrics["drift_unrelated"] = drifts["unrelated"].mean()
     else:
-        metrics.update({"preserve_drift": None, "preserve_drift_k": None, "preserve_drift_v": None})
-    # the two kinds of prompts inside preserve_drift: those built from preserve concepts (the solver saw
-    # them under soft/exact preservation) and unrelated ones (it never did)
-    concept_prompts = [p for p in preserve if p.prefix is not None]
-    unrelated = [p for p in preserve if p.prefix is None]
-    metrics["drift_preserve_concepts"] = drift(model, deltas, concept_prompts).mean() if concept_prompts else None
-    metrics["drift_unrelated"] = drift(model, deltas, unrelated).mean() if unrelated else None
+        metrics.update({"preserve_drift": None, "preserve_drift_k": None, "preserve_drift_v": None,
+                        "drift_preserve_concepts": None, "drift_unrelated": None})
     norms = delta_norms(model, deltas)
     metrics["delta_norm_rel"] = norms
     metrics["delta_norm_total"] = float(sum(d.frobenius_norm() ** 2 for d in deltas.values()) ** 0.5)

@@ -250,7 +250,8 @@ class SiteRecord(_Strict):
     name: str
     stage: str
     shape: list[int]
-    rank: int
+    rank: int  # numerical rank of the constraints
+    update_rank: int = 0  # rank of the stored update; 0 when the targets already held (nothing stored)
     n_constraints: int
     residual: float
     preserve_residual: float | None = None

@@ -349,17 +349,23 @@ def _target_pass(
             x = args[0]
             X = _gather(x, pos.t_rows, pos.t_pos).double().T
             P = _gather(x, p_rows + n_targets, p_pos).double().T if p_rows.numel() else None
+            # the forward pass already computed W x + b for every row: reuse it for W X and W P
+            bias = _bias(mod)
+            plain = output - bias if bias is not None else output
+            WX = _gather(plain, pos.t_rows, pos.t_pos).double().T
+            WP = _gather(plain, p_rows + n_targets, p_pos).double().T if P is not None else None
             if stage.mode == "site":
                 T = anchor_caps[stage.name].double().T
             else:
                 base = _gather(stash.pop(stage.name), pos.t_rows, pos.t_pos)
                 T = anchor_caps[stage.name].double() - base.double()
-                bias = _bias(mod)
                 if bias is not None:
                     T = T - bias.double()
                 T = T.T
             fact = _factorize(plan, X, P)
-            result = solve(fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name)
+            result = solve(
+                fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=WP
+            )
             recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
             recorder.stage_done(stage.name)
             factors = result.delta.to(plan.factor_dtype)
@@ -406,9 +412,14 @@ def solve_erasure(
     Y = torch.cat(y_parts, dim=-1).double().T
     P = torch.cat(p_parts, dim=-1).double().T if p_parts else None
     fact = _factorize(plan, X, P, uce=plan.method == "uce")
+    # T = W Y, W X and W P at the precision the pipeline computes them (its dtype), then float64
+    Xm, Ym = torch.cat(x_parts, dim=-1), torch.cat(y_parts, dim=-1)
+    Pm = torch.cat(p_parts, dim=-1) if p_parts else None
     for key, weight in model.kv_weights.items():
-        T = weight.double() @ Y
-        result = solve(fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key)
+        T = (Ym @ weight.T).double().T
+        WX = (Xm @ weight.T).double().T
+        WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
+        result = solve(fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key, WX=WX, WP=WP)
         recorder.add(key, FINAL_STAGE, result)
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0

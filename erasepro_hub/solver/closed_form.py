@@ -15,17 +15,23 @@ Methods
 ``zero-residual`` (ErasePro, DESIGN §2.1): ``ΔW = argmin ||ΔW||_F  s.t. (W + ΔW) X = T``,
 i.e. ``ΔW = R X⁺``, computed from a thin SVD of ``X`` in float64 (no explicit inverse).
 
-``soft`` preservation (§2.2): ``min ||ΔW||² + λ_p ||ΔW P||²  s.t. ΔW X = R``. With
-``M = I + λ_p P Pᵀ`` and its symmetric inverse square root ``S = M^{-1/2}`` (built
-from a thin SVD of ``P``, never a ``d × d`` factorisation), substituting
-``ΔW = Γ S`` turns it into the plain problem for ``X̃ = S X``: ``ΔW = R X̃⁺ S``. This
-equals the brief's ``R (Xᵀ M⁻¹ X)⁻¹ Xᵀ M⁻¹``.
+``soft`` preservation (§2.2): ``min ||ΔW||² + λ_p ||ΔW P||²  s.t. ΔW X = R``, with
+``M = I + λ_p P Pᵀ``: ``ΔW = R (Xᵀ M⁻¹ X)⁻¹ Xᵀ M⁻¹``. ``Z = M⁻¹ X`` comes from Woodbury
+(``M⁻¹ = I − P (I/λ_p + PᵀP)⁻¹ Pᵀ``, an ``M × M`` Cholesky; never ``d × d`` while the preserve set
+is narrower than the input), and ``G = Xᵀ Z = V Λ Vᵀ`` (an ``N × N`` eigendecomposition) gives the
+factors ``right = V Λ^{-1/2}`` and ``A = Λ^{-1/2} Vᵀ Zᵀ``. ``√Λ`` are the singular values of
+``M^{-1/2} X``, so the rank rule is the same as without preservation. Forming ``G`` squares the
+condition number; one step of iterative refinement in :func:`solve` restores the constraint to
+working precision.
 
 ``exact`` preservation (§2.2): the plain problem with ``X' = [X P]`` and
 ``T' = [T, W P]``, i.e. ``R' = [R, 0]``.
 
 ``uce`` (§2.3): ``ΔW = s_e R Cᵀ M⁻¹`` with ``M = λ I + s_e C Cᵀ + η P Pᵀ`` (Cholesky solve);
 a soft least-squares edit that leaves a non-zero residual by design.
+
+A site whose targets already hold within ``residual_tol`` before any update (an earlier
+progressive stage did the work) gets the zero update.
 
 Numerical rank
 --------------
@@ -69,6 +75,7 @@ class Factorization:
         A: ``(r, d)`` float64 down factor shared by every site.
         right: ``(N_total, r)`` float64 map from the residual columns to ``B``.
         P: ``(d, M)`` float64 preserve features, or ``None``.
+        AX, AP: ``A X`` and ``A P``, computed once for every site's report.
         n_targets: ``N``.
         n_constraints: ``N`` (+ ``M`` under exact preservation): the columns that must hold exactly.
         rank: ``r``: singular values kept.
@@ -83,6 +90,17 @@ class Factorization:
     A: Tensor
     right: Tensor
     P: Tensor | None
+    AX: Tensor  # A @ X, for the residual of every site
+    AP: Tensor | None  # A @ P, for the preserve residual of every site
+
+    @property
+    def AAt(self) -> Tensor:
+        """``A Aᵀ`` (``r × r``), computed once for the update norm of every site."""
+        cached = self.__dict__.get("_AAt")
+        if cached is None:
+            cached = self.A @ self.A.T
+            object.__setattr__(self, "_AAt", cached)
+        return cached
     n_targets: int
     n_constraints: int
     rank: int
@@ -122,6 +140,7 @@ class SolveReport:
     delta_norm: float
     exact: bool
     within_capacity: bool
+    update_rank: int = 0  # rank of the stored update (0: the targets already held, nothing to store)
 
     def as_dict(self) -> dict:
         return {
@@ -134,6 +153,7 @@ class SolveReport:
             "residual": self.residual,
             "preserve_residual": self.preserve_residual,
             "delta_norm": self.delta_norm,
+            "update_rank": self.update_rank,
         }
 
 
@@ -156,23 +176,15 @@ def _as_matrix(name: str, value: Tensor, rows: int | None = None) -> Tensor:
     return value.detach().to(torch.float64)
 
 
+def _frobenius(B: Tensor, AAt: Tensor) -> float:
+    """``||B A||_F`` from ``B`` and the cached ``A Aᵀ``: ``sqrt(Σ (BᵀB) ∘ (AAᵀ))``."""
+    return float(torch.sum((B.T @ B) * AAt).clamp_min(0.0).sqrt())
+
+
 def _rank(singular_values: Tensor, rtol: float) -> int:
     if singular_values.numel() == 0 or float(singular_values[0]) == 0.0:
         return 0
     return int((singular_values > rtol * singular_values[0]).sum())
-
-
-def _inverse_sqrt_metric(P: Tensor, weight: float, rtol: float) -> tuple[Tensor, Tensor]:
-    """``S = M^{-1/2}`` for ``M = I + weight · P Pᵀ`` as ``S = I + U diag(c − 1) Uᵀ``; returns ``(U, c − 1)``."""
-    U, s, _ = torch.linalg.svd(P, full_matrices=False)
-    keep = _rank(s, rtol)
-    U, s = U[:, :keep], s[:keep]
-    return U, torch.rsqrt(1.0 + weight * s.square()) - 1.0
-
-
-def _apply_metric(U: Tensor, c_minus_1: Tensor, Z: Tensor) -> Tensor:
-    """``S Z`` for ``S = I + U diag(c − 1) Uᵀ`` (``Z`` is ``d × k``)."""
-    return Z + U @ (c_minus_1[:, None] * (U.T @ Z))
 
 
 # ----------------------------------------------------------------------------- factorisations
@@ -205,36 +217,67 @@ def factorize_zero_residual(
     if P is None:
         preserve_mode = "none"
 
-    metric: tuple[Tensor, Tensor] | None = None
-    if preserve_mode == "exact":
+    if preserve_mode == "soft" and preserve_weight > 0:
         assert P is not None
-        system = torch.cat([X, P], dim=1)
-    elif preserve_mode == "soft" and preserve_weight > 0:
-        assert P is not None
-        metric = _inverse_sqrt_metric(P, preserve_weight, rtol)
-        system = _apply_metric(*metric, X)
-    else:
-        system = X
-
+        return _factorize_soft(X, P, preserve_weight, rtol, ridge)
+    system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
     U, s, Vh = torch.linalg.svd(system, full_matrices=False)
     r = _rank(s, rtol)
     U, s_r, V = U[:, :r], s[:r], Vh[:r].T
     inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
-    right = V * inv[None, :]
-    A = U.T if metric is None else _apply_metric(*metric, U).T
+    A = U.T.contiguous()
     return Factorization(
         kind="zero-residual",
         X=X,
-        A=A.contiguous(),
-        right=right.contiguous(),
+        A=A,
+        right=(V * inv[None, :]).contiguous(),
         P=P,
+        AX=A @ X,
+        AP=A @ P if P is not None else None,
         n_targets=n,
-        n_constraints=system.shape[1] if preserve_mode == "exact" else n,
+        n_constraints=system.shape[1],
         rank=r,
         singular_values=s,
         rtol=rtol,
         exact=ridge == 0,
         preserve_mode=preserve_mode,
+    )
+
+
+def _factorize_soft(X: Tensor, P: Tensor, weight: float, rtol: float, ridge: float) -> Factorization:
+    """Soft preservation through Woodbury and the ``N × N`` Gram matrix (see the module docs)."""
+    d, n = X.shape
+    m = P.shape[1]
+    if m < d:
+        C = torch.eye(m, dtype=torch.float64) / weight + P.T @ P
+        L = torch.linalg.cholesky(C)
+        Z = X - P @ torch.cholesky_solve(P.T @ X, L)
+    else:
+        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + weight * (P @ P.T))
+        Z = torch.cholesky_solve(X, L)
+    G = X.T @ Z
+    values, V = torch.linalg.eigh((G + G.T) / 2)
+    values, V = values.flip(0).clamp_min(0), V.flip(1)
+    s = values.sqrt()  # singular values of M^{-1/2} X
+    r = _rank(s, rtol)
+    s_r, V = s[:r], V[:, :r]
+    inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
+    A = ((Z @ V) / s_r).T.contiguous()
+    return Factorization(
+        kind="zero-residual",
+        X=X,
+        A=A,
+        right=(V * inv[None, :]).contiguous(),
+        P=P,
+        AX=A @ X,
+        AP=A @ P,
+        n_targets=n,
+        n_constraints=n,
+        rank=r,
+        singular_values=s,
+        rtol=rtol,
+        exact=ridge == 0,
+        preserve_mode="soft",
     )
 
 
@@ -267,12 +310,15 @@ def factorize_uce(
     U, s, Vh = torch.linalg.svd(G, full_matrices=False)
     r = _rank(s, rtol)
     right = Vh[:r].T * s[None, :r]
+    A = U[:, :r].T.contiguous()
     return Factorization(
         kind="uce",
         X=C,
-        A=U[:, :r].T.contiguous(),
+        A=A,
         right=right.contiguous(),
         P=P,
+        AX=A @ C,
+        AP=A @ P if P is not None else None,
         n_targets=n,
         n_constraints=n,
         rank=r,
@@ -292,6 +338,8 @@ def solve(
     strict: bool = False,
     residual_tol: float = DEFAULT_RESIDUAL_TOL,
     site: str = "",
+    WX: Tensor | None = None,
+    WP: Tensor | None = None,
 ) -> SolveResult:
     """Solve one site given its shared factorisation.
 
@@ -299,6 +347,8 @@ def solve(
         fact: from :func:`factorize_zero_residual` or :func:`factorize_uce`.
         W: ``(m, d)`` current weight of the site (any float dtype).
         T: ``(m, N)`` wanted outputs ``W' X`` (bias excluded) for the target columns.
+        WX, WP: ``W X`` and ``W P`` when the caller already has them (a forward pass computed
+            them); otherwise they are computed here.
         strict: raise :class:`CapacityError` instead of warning when an exact solve
             cannot meet its constraints (achieved residual above ``residual_tol``).
         residual_tol: relative residual that still counts as exact.
@@ -307,7 +357,8 @@ def solve(
     Returns:
         :class:`SolveResult` with a float64 :class:`LowRankDelta` and its :class:`SolveReport`.
     """
-    W = _as_matrix("W", W)
+    if not isinstance(W, Tensor) or W.ndim != 2:
+        raise ValueError(f"W must be a 2-D tensor, got {getattr(W, 'shape', type(W).__name__)}")
     m, d = W.shape
     if d != fact.input_dim:
         raise ValueError(f"W{tuple(W.shape)} does not read inputs of width {fact.input_dim}")
@@ -315,23 +366,36 @@ def solve(
     if T.shape[1] != fact.n_targets:
         raise ValueError(f"T has {T.shape[1]} columns, the factorisation {fact.n_targets}")
 
-    R = T - W @ fact.X
+    # W only enters through W X (and W P for the report): convert it only when they were not given
+    W64 = _as_matrix("W", W) if WX is None or (fact.P is not None and WP is None) else None
+    R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m))
     if fact.right.shape[0] > fact.n_targets:  # exact preservation: R' = [R, 0]
         R_full = torch.cat([R, R.new_zeros(m, fact.right.shape[0] - fact.n_targets)], dim=1)
     else:
         R_full = R
-    B = R_full @ fact.right
+    t_norm = float(torch.linalg.matrix_norm(T))
+    already_met = fact.exact and float(torch.linalg.matrix_norm(R)) <= residual_tol * t_norm
+    if already_met:
+        # the targets already hold within residual_tol (an earlier stage did the work): no update, so
+        # the adapter does not carry corrections at the level of float32 rounding
+        B = R.new_zeros(m, fact.rank)
+    else:
+        B = R_full @ fact.right
+    if fact.exact and not already_met:  # one step of iterative refinement: corrects rounding, a no-op in exact arithmetic
+        correction = R - B @ fact.AX
+        if R_full is not R:
+            correction = torch.cat([correction, -(B @ fact.AP)], dim=1)
+        B = B + correction @ fact.right
     # nothing to change (the inputs already give the targets, bit for bit): the zero update, rank 0
     delta = LowRankDelta(B.contiguous(), fact.A) if torch.any(B) else LowRankDelta.zeros(m, d)
 
-    miss = R - B @ (fact.A @ fact.X)
-    t_norm = float(torch.linalg.matrix_norm(T))
+    miss = R - B @ fact.AX
     miss_norm = float(torch.linalg.matrix_norm(miss))
     residual = miss_norm / t_norm if t_norm > 0 else miss_norm
     preserve_residual = None
     if fact.P is not None:
-        wp = float(torch.linalg.matrix_norm(W @ fact.P))
-        dp = float(torch.linalg.matrix_norm(B @ (fact.A @ fact.P)))
+        wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m)))
+        dp = float(torch.linalg.matrix_norm(B @ fact.AP))
         preserve_residual = dp / wp if wp > 0 else dp
     within = fact.rank >= fact.n_constraints
     report = SolveReport(
@@ -343,9 +407,10 @@ def solve(
         condition=fact.condition,
         residual=residual,
         preserve_residual=preserve_residual,
-        delta_norm=delta.frobenius_norm(),
+        delta_norm=_frobenius(B, fact.AAt) if delta.rank else 0.0,
         exact=fact.exact,
         within_capacity=within,
+        update_rank=delta.rank,
     )
     failed = residual > residual_tol or (
         fact.preserve_mode == "exact" and preserve_residual is not None and preserve_residual > residual_tol
