@@ -27,6 +27,9 @@ os.environ.update(
     HF_HUB_DISABLE_XET="1",
     HF_HUB_DISABLE_TELEMETRY="1",
     HF_HUB_DISABLE_PROGRESS_BARS="1",
+    # downloads give up after 3 s (the local server answers in milliseconds; fault tests make it slower)
+    HF_HUB_ETAG_TIMEOUT="3",
+    HF_HUB_DOWNLOAD_TIMEOUT="3",
     TRANSFORMERS_VERBOSITY="error",
     DIFFUSERS_VERBOSITY="error",
 )

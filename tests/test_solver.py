@@ -244,3 +244,20 @@ def test_zero_delta_when_targets_already_met(problem):
     result = erasepro_update(W, X, W @ X)
     assert result.delta.frobenius_norm() <= 1e-10
     assert result.report.residual <= 1e-12
+
+
+def test_beyond_capacity_with_soft_preservation_is_the_metric_least_squares():
+    g = torch.Generator().manual_seed(9)
+    m, d, n = 6, 12, 20
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    T = torch.randn(m, n, generator=g, dtype=torch.float64)
+    P = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    lam = 0.3
+    with pytest.warns(CapacityWarning):
+        result = erasepro_update(W, X, T, preserve=P, preserve_mode="soft", preserve_weight=lam)
+    L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + lam * P @ P.T)
+    Linv = torch.linalg.inv(L)
+    expected = (T - W @ X) @ torch.linalg.pinv(Linv @ X) @ Linv
+    assert rel(result.delta.dense(), expected) <= 1e-9
+    assert result.report.rank == d and result.report.n_constraints == n

@@ -66,6 +66,7 @@ def hub_errors(step: str, repo_id: str) -> Iterator[None]:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -83,6 +84,11 @@ def hub_errors(step: str, repo_id: str) -> Iterator[None]:
     except RevisionNotFoundError:
         raise HubError(
             f"{repo_id}: revision not found ({step}); give an existing branch, tag or commit sha", bad_input=True
+        ) from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"could not download from {repo_id} ({step}): the connection failed or timed out and the files are not "
+            f"in the local cache; {retry}"
         ) from None
     except EntryNotFoundError:
         raise HubError(

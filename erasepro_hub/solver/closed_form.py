@@ -217,7 +217,12 @@ def factorize_zero_residual(
     if P is None:
         preserve_mode = "none"
 
-    if preserve_mode == "soft" and preserve_weight > 0:
+    if preserve_mode == "soft" and preserve_weight == 0:
+        preserve_mode = "none"
+    columns = n + (P.shape[1] if preserve_mode == "exact" else 0)
+    if columns > d:
+        return _factorize_wide(X, P, preserve_mode, preserve_weight, rtol, ridge)
+    if preserve_mode == "soft":
         assert P is not None
         return _factorize_soft(X, P, preserve_weight, rtol, ridge)
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
@@ -226,6 +231,50 @@ def factorize_zero_residual(
     U, s_r, V = U[:, :r], s[:r], Vh[:r].T
     inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
     A = U.T.contiguous()
+    return Factorization(
+        kind="zero-residual",
+        X=X,
+        A=A,
+        right=(V * inv[None, :]).contiguous(),
+        P=P,
+        AX=A @ X,
+        AP=A @ P if P is not None else None,
+        n_targets=n,
+        n_constraints=system.shape[1],
+        rank=r,
+        singular_values=s,
+        rtol=rtol,
+        exact=ridge == 0,
+        preserve_mode=preserve_mode,
+    )
+
+
+def _factorize_wide(
+    X: Tensor, P: Tensor | None, preserve_mode: str, weight: float, rtol: float, ridge: float
+) -> Factorization:
+    """More constraint columns than inputs (beyond capacity): work with ``d × d`` matrices.
+
+    With ``M = L Lᵀ`` (soft preservation; ``L = I`` otherwise) and ``X̃ = L⁻¹ [X (P)]``, the
+    eigendecomposition of ``X̃ X̃ᵀ = Ũ Σ² Ũᵀ`` gives ``X̃⁺ = Ṽ Σ⁻¹ Ũᵀ`` with ``Ṽ = X̃ᵀ Ũ Σ⁻¹``, and
+    ``ΔW = R X̃⁺ L⁻¹`` — the minimum-norm least-squares update — at ``O(d² N + d³)`` instead of an
+    ``N × N`` eigenproblem or an SVD of a very wide matrix.
+    """
+    d, n = X.shape
+    system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
+    L = None
+    if preserve_mode == "soft":
+        assert P is not None
+        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + weight * (P @ P.T))
+        system = torch.linalg.solve_triangular(L, system, upper=False)
+    K = system @ system.T
+    values, U = torch.linalg.eigh((K + K.T) / 2)
+    values, U = values.flip(0).clamp_min(0), U.flip(1)
+    s = values.sqrt()
+    r = _rank(s, rtol)
+    s_r, U = s[:r], U[:, :r]
+    V = (system.T @ U) / s_r
+    inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
+    A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T.contiguous()
     return Factorization(
         kind="zero-residual",
         X=X,

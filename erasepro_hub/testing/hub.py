@@ -67,7 +67,7 @@ class RequestRecord:
 @dataclass
 class Fault:
     step: str
-    kind: str  # "500" | "drop" | "drop-after" | "tamper"
+    kind: str  # "500" | "drop" | "drop-after" | "tamper" | "slow"
     times: int | None  # None: until cleared
     match: str | None = None  # only requests whose path contains this
 
@@ -76,7 +76,10 @@ class Fault:
 class Faults:
     """Injected failures by route name (``preupload``, ``lfs-batch``, ``lfs-upload``, ``commit``, ``resolve``,
     ``blob`` …): ``500`` answers an error, ``drop`` closes the connection before the work, ``drop-after`` after
-    it, ``tamper`` flips the first byte of a file download. ``times=None`` lasts until :meth:`clear`."""
+    it, ``tamper`` flips the first byte of a file download, ``slow`` waits :attr:`slow_seconds` before
+    answering (past a client's timeout). ``times=None`` lasts until :meth:`clear`."""
+
+    slow_seconds: float = 6.0
 
     rules: list[Fault] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -592,6 +595,8 @@ def _make_handler(server: HubServer, *, api: bool):
                         raise _error(500, f"injected failure at {name}")
                     if fault == "drop":
                         raise _Drop()
+                    if fault == "slow":  # (an Event wait: tests may stub time.sleep for the client's backoff)
+                        threading.Event().wait(server.faults.slow_seconds)
                     try:
                         reply = _Reply(200, func(server, self, match))
                     except _Reply as answer:
@@ -615,6 +620,12 @@ def _make_handler(server: HubServer, *, api: bool):
             except Exception as exc:  # a bug in the test server: answer 500 with the reason
                 record.status = 500
                 self._send(method, _error(500, f"test hub internal error: {type(exc).__name__}: {exc}"))
+
+        def handle_one_request(self):  # a client that gave up (timeout) must not crash the server thread
+            try:
+                super().handle_one_request()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _send(self, method: str, reply: _Reply) -> None:
             if reply.raw is not None:

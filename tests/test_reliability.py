@@ -1,0 +1,416 @@
+"""Hardening: malformed manifests (property-based), corrupted artefacts, interrupted writes, Hub faults on pull,
+and security (tokens, pickle, paths)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from erasepro_hub.adapters import load_adapter, read_adapter, save_adapter
+from erasepro_hub.errors import (
+    AdapterFormatError,
+    BaseMismatchError,
+    EraseProError,
+    HubError,
+    ManifestError,
+    VerificationError,
+)
+from erasepro_hub.manifest import parse_manifest
+from erasepro_hub.models.loading import load_builtin
+
+from conftest import DEMO, REPO, TOKENS
+
+VALID = yaml.safe_load(DEMO.read_text())
+REQUIRED = [("schema_version",), ("base_model",), ("base_model", "id"), ("concepts",), ("concepts", 0, "target"),
+            ("concepts", 0, "anchor"), ("prompts",), ("prompts", "templates")]
+ENUMS = [("method",), ("solver", "token_policy"), ("preserve", "mode"), ("text_encoder", "site"),
+         ("text_encoder", "target_mode"), ("text_encoder", "pooled"), ("adapter", "format"), ("adapter", "dtype"),
+         ("solver", "dtype")]
+NUMBERS = [("preserve", "weight"), ("solver", "rank_rtol"), ("solver", "residual_tol"), ("solver", "ridge"),
+           ("text_encoder", "depth"), ("uce", "lam"), ("uce", "erase_scale"), ("uce", "preserve_scale")]
+
+
+def paths(node, prefix=()):
+    """Every path (tuple of keys/indices) into the manifest."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from paths(value, prefix + (index,))
+
+
+def ensure(data, path):
+    """The parent node of ``path``, creating the mappings on the way."""
+    node = data
+    for part in path[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = node[part]
+    return node
+
+
+ALL_PATHS = [p for p in paths(VALID) if p]
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def malformed(draw):
+    """(manifest data, the path the mutation touched)."""
+    data = copy.deepcopy(VALID)
+    kind = draw(st.sampled_from(["delete", "unknown", "retype", "enum", "number", "template", "empty", "concept"]))
+    if kind == "delete":
+        path = draw(st.sampled_from(REQUIRED))
+        parent = ensure(data, path)
+        del parent[path[-1]]
+    elif kind == "unknown":
+        mappings = [p for p in paths(data) if isinstance(_get(data, p), dict)]
+        parent_path = draw(st.sampled_from(mappings))
+        key = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10))
+        parent = _get(data, parent_path)
+        assume(key not in parent and key not in _allowed(parent_path))
+        parent[key] = draw(ODD_VALUES)
+        path = parent_path + (key,)
+    elif kind == "retype":
+        path = draw(st.sampled_from(ALL_PATHS))
+        ensure(data, path)[path[-1]] = draw(ODD_VALUES)
+    elif kind == "enum":
+        path = draw(st.sampled_from(ENUMS))
+        ensure(data, path)[path[-1]] = draw(st.text(max_size=15))
+    elif kind == "number":
+        path = draw(st.sampled_from(NUMBERS))
+        ensure(data, path)[path[-1]] = draw(st.sampled_from([-1, -0.5, -1e9, "NaN", "fast", [], {}]))
+    elif kind == "template":
+        path = ("prompts", "templates", 0)
+        data["prompts"]["templates"][0] = draw(st.sampled_from(["no placeholder", "{} and {}", "{0}", "a\n{}", ""]))
+    elif kind == "empty":
+        path = draw(st.sampled_from([("concepts",), ("prompts", "templates")]))
+        ensure(data, path)[path[-1]] = []
+    else:
+        path = ("concepts", 0, "target")
+        data["concepts"][0]["target"] = draw(st.sampled_from(["", "   ", "two\nlines", 7, None]))
+    return data, path
+
+
+def _get(data, path):
+    node = data
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _allowed(parent_path) -> set:
+    from erasepro_hub.manifest.io import _known_keys
+    from erasepro_hub.manifest.schema import Manifest
+
+    return set(_known_keys(Manifest, tuple(parent_path)) or [])
+
+
+def _named(problem_path: str, path) -> bool:
+    target = ".".join(str(p) for p in path)
+    return (
+        problem_path == target
+        or problem_path.startswith(target + ".")
+        or target.startswith(problem_path + ".")
+        or problem_path == "(top level)"
+    )
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(malformed())
+def test_malformed_manifests_give_a_typed_error_naming_the_field(case):
+    data, path = case
+    try:
+        text = yaml.safe_dump(data, allow_unicode=True)
+    except yaml.YAMLError:
+        assume(False)
+    try:
+        parse_manifest(text, source="fuzz.yaml")
+    except ManifestError as exc:
+        assert exc.problems, str(exc)
+        assert any(_named(p, path) for p, _ in exc.problems), (path, exc.problems)
+        assert "invalid manifest fuzz.yaml" in str(exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect
+        pytest.fail(f"{type(exc).__name__} instead of a ManifestError for {path}: {exc}")
+    assume(False)  # the mutation happened to produce a valid manifest: not a malformed example
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_arbitrary_bytes_never_crash_the_reader(blob):
+    text = blob.decode("utf-8", "replace") if isinstance(blob, bytes) else blob
+    with pytest.raises(ManifestError):
+        manifest = parse_manifest(text)
+        if manifest is not None:  # a valid manifest from random text is not a failure of the reader
+            raise ManifestError("valid")
+
+
+@settings(max_examples=40, deadline=None)
+@given(malformed())
+def test_the_command_line_answers_malformed_manifests_with_exit_2(tmp_path_factory, case):
+    from erasepro_hub.cli import main
+
+    data, path = case
+    folder = tmp_path_factory.mktemp("cli")
+    manifest = folder / "m.yaml"
+    try:
+        manifest.write_text(yaml.safe_dump(data, allow_unicode=True))
+        parse_manifest(manifest.read_text())
+    except ManifestError:
+        pass
+    except yaml.YAMLError:
+        assume(False)
+    else:
+        assume(False)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["erase", str(manifest), "--out", str(folder / "out")])
+    assert code == 2 and "Traceback" not in err.getvalue() and "invalid manifest" in err.getvalue()
+    assert not (folder / "out").exists()
+
+
+# ----------------------------------------------------------------------------- corrupted artefacts
+def _snapshot(pipe):
+    state = {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters()}
+    return state
+
+
+def _untouched(pipe, state) -> bool:
+    now = _snapshot(pipe)
+    hooks = [m for c in ("unet", "text_encoder") for m in getattr(pipe, c).modules() if m._forward_hooks]
+    return not hooks and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def _truncate(folder):
+    path = folder / "pytorch_lora_weights.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def _flip(folder):
+    path = folder / "pytorch_lora_weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _header(folder):
+    """Rewrite the adapter with another recipe hash in its header, and record the new file hash."""
+    from erasepro_hub.adapters.lora import file_sha256
+    from erasepro_hub.manifest import dump_yaml, load_manifest, to_data
+    from erasepro_hub.manifest.schema import Manifest
+
+    path = folder / "pytorch_lora_weights.safetensors"
+    save_adapter(path, read_adapter(path).deltas, recipe_sha256="a" * 64, version="x")
+    data = to_data(load_manifest(folder))
+    data["outputs"]["files"]["pytorch_lora_weights.safetensors"] = file_sha256(path)
+    (folder / "erasepro.yaml").write_text(dump_yaml(Manifest.model_validate(data)))
+
+
+def _recipe(folder):
+    path = folder / "erasepro.yaml"
+    path.write_text(path.read_text().replace("target: Vincent van Gogh", "target: Claude Monet"))
+
+
+def _other_weights(pipe):
+    with torch.no_grad():
+        pipe.text_encoder.get_submodule("encoder.layers.2.mlp.fc2").weight[5, 5] += 0.01
+
+
+@pytest.mark.parametrize(
+    "name, damage, error, message",
+    [
+        ("truncated", _truncate, VerificationError, "was modified"),
+        ("bit flip", _flip, VerificationError, "was modified"),
+        ("tampered header", _header, VerificationError, "made from another recipe"),
+        ("edited manifest", _recipe, VerificationError, "was edited after"),
+    ],
+)
+def test_corrupted_artefacts_leave_the_pipeline_untouched(demo_folder, tmp_path, name, damage, error, message):
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    damage(folder)
+    pipe = load_builtin("tiny-sd")[0]
+    state = _snapshot(pipe)
+    with pytest.raises(error, match=message):
+        load_adapter(pipe, folder)
+    assert _untouched(pipe, state)
+
+
+def test_truncated_file_read_directly_is_a_format_error(demo_folder, tmp_path):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes((demo_folder / "pytorch_lora_weights.safetensors").read_bytes()[:1000])
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        read_adapter(path)
+
+
+@pytest.mark.parametrize("other", ["shape", "weights"])
+def test_adapter_for_another_base_is_refused_before_anything_changes(demo_folder, other):
+    if other == "shape":
+        pipe = load_builtin("tiny-sdxl")[0]
+        match = "shape|no module|another"
+    else:
+        pipe = load_builtin("tiny-sd")[0]
+        _other_weights(pipe)
+        match = "layers.2.mlp.fc2"
+    components = ("unet", "text_encoder")
+    state = {f"{c}.{n}": p.detach().clone() for c in components for n, p in getattr(pipe, c).named_parameters()}
+    with pytest.raises(BaseMismatchError, match=match):
+        load_adapter(pipe, demo_folder)
+    assert _untouched(pipe, state)
+
+
+# ----------------------------------------------------------------------------- interrupted writes
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import erasepro_hub.erase as E
+    real = E.write_card
+    def die(*args, **kwargs):
+        real(*args, **kwargs)            # every file of the folder is written ...
+        os.kill(os.getpid(), signal.SIGKILL)   # ... and the process dies before the folder is moved into place
+    E.write_card = die
+    from erasepro_hub.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_killing_erase_mid_write_never_leaves_a_complete_looking_folder(demo_folder, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, "-c", KILLER, "erase", str(DEMO), "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert all(name.startswith(".out.erasepro-tmp-") for name in leftovers), leftovers
+    # with --overwrite, the existing complete folder survives a kill untouched
+    shutil.copytree(demo_folder, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = subprocess.run([sys.executable, "-c", KILLER, "erase", str(DEMO), "--out", str(out), "--overwrite"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- Hub faults on pull
+@pytest.fixture(scope="module")
+def pushed(demo_folder, tmp_path_factory):
+    from erasepro_hub.hub.publish import push
+
+    folder = tmp_path_factory.mktemp("pushed") / "f"
+    shutil.copytree(demo_folder, folder)
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = TOKENS["alice"]
+    try:
+        return "alice/pull-faults", push(folder, "alice/pull-faults", tag="v1").commit
+    finally:
+        os.environ.pop("HF_TOKEN") if old is None else os.environ.__setitem__("HF_TOKEN", old)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
+
+
+@pytest.mark.parametrize(
+    "step, kind",
+    # the routes a pull by tag calls, in order: resolve the tag, list the tree, HEAD/GET each file, the blob
+    [("repo-info-rev", "500"), ("repo-info-rev", "drop"), ("tree", "500"), ("tree", "drop"), ("resolve", "500"),
+     ("resolve", "drop"), ("resolve", "slow"), ("blob", "500"), ("blob", "drop"), ("blob", "slow")],
+)
+def test_pull_faults_give_a_clear_error_and_the_retry_succeeds(pushed, hub, step, kind, tmp_path, monkeypatch, no_backoff):
+    from erasepro_hub.hub.publish import pull
+
+    repo_id, sha = pushed
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: every file comes from the server
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    hub.faults.slow_seconds = 5.0
+    hub.faults.add(step, kind, match=None)
+    try:
+        with pytest.raises(HubError) as exc:
+            pull(f"{repo_id}@v1", tmp_path / "out")
+    finally:
+        hub.faults.clear()
+    message = str(exc.value)
+    assert "run the same command again" in message
+    assert TOKENS["alice"] not in message
+    assert not (tmp_path / "out").exists()
+    assert pull(f"{repo_id}@v1", tmp_path / "out").commit == sha
+
+
+# ----------------------------------------------------------------------------- security
+def test_no_pickle_is_loaded_during_erase_load_push_and_pull(demo_folder, tmp_path, monkeypatch):
+    import pickle
+
+    from erasepro_hub.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle loading was attempted")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    out = tmp_path / "e"
+    assert main(["erase", str(DEMO), "--out", str(out)]) == 0
+    load_adapter(load_builtin("tiny-sd")[0], out)
+    assert main(["push", str(out), "alice/no-pickle"]) == 0
+    assert main(["pull", "alice/no-pickle", "--out", str(tmp_path / "p")]) == 0
+
+
+def test_every_output_is_free_of_the_token(demo_folder, tmp_path, monkeypatch, capfd):
+    from erasepro_hub.cli import main
+
+    token = TOKENS["alice"]
+    monkeypatch.setenv("HF_TOKEN", token)
+    folder = tmp_path / "f"
+    assert main(["-v", "erase", str(DEMO), "--out", str(folder)]) == 0
+    assert main(["-v", "push", str(folder), "alice/token-scan", "--tag", "v1"]) == 0
+    assert main(["-v", "pull", "alice/token-scan@v1", "--out", str(tmp_path / "p")]) == 0
+    assert main(["-v", "card", str(folder), "--repo-id", "alice/token-scan"]) == 0
+    assert main(["-v", "inspect", str(folder)]) == 0
+    captured = capfd.readouterr()
+    outputs = [captured.out, captured.err]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            outputs.append(path.read_bytes().decode("latin-1"))
+    assert not [text for text in outputs if token in text]
+
+
+def test_templates_never_evaluate_user_strings():
+    from test_cards import fixed_manifest
+
+    from erasepro_hub.cards.render import _environment, render_card
+
+    payload = "{{ ''.__class__.__mro__ }} {% for x in range(3) %}X{{x}}Y{% endfor %}"
+    manifest = fixed_manifest(concepts=[{"target": payload, "anchor": "art"}], description=payload)
+    text = render_card(manifest)
+    assert payload in text  # verbatim in the manifest block: data, not template source
+    assert "X0Y" not in text and "<class" not in text
+    assert _environment().undefined.__name__ == "StrictUndefined"
