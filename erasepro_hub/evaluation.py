@@ -242,7 +242,7 @@ def compare(
                 heldout=heldout_pairs(variant_recipe) + extra.heldout,
                 preserve=drift_prompts(variant_recipe) + extra.preserve,
             )
-            kv_ranks = [s.report.rank for s in sites if is_kv_key(s.key)]
+            kv_ranks = [s.report.update_rank for s in sites if is_kv_key(s.key)]
             rows.append({
                 "manifest": recipe.name or Path(path).stem,
                 "concept": ", ".join(t for t, _ in concepts),
@@ -269,7 +269,7 @@ COLUMNS = (
     ("drift_unrelated", "drift (unrelated)", "{:.4f}"),
     ("delta_norm_total", "‖ΔW‖ total", "{:.3f}"),
     ("delta_norm_kv", "‖ΔW‖ K/V", "{:.3f}"),
-    ("rank_kv", "rank (K/V)", "{}"),
+    ("rank_kv", "update rank (K/V)", "{}"),
     ("solve_seconds", "solve s", "{:.3f}"),
 )
 
