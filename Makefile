@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean compare-minilm
+.PHONY: demo test install clean compare-minilm bench
 
 install: $(STAMP)
 
@@ -45,3 +45,7 @@ COMPARE_VARIANTS := --methods none,uce,erasepro-kv,erasepro \
 
 compare-minilm: $(STAMP)
 	$(BIN)/erasepro compare manifests/minilm/*.yaml $(COMPARE_VARIANTS) --out docs/method-comparison
+
+# Performance figures on an SD-1.5-shaped random pipeline (builds it on first use: ~4 GB on disk).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py

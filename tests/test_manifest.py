@@ -61,8 +61,10 @@ def test_hash_ignores_outputs_metrics_and_provenance(demo_folder):
 
 
 def test_models_are_frozen():
+    from pydantic import ValidationError
+
     manifest = load_manifest(DEMO)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         manifest.method = "uce"  # type: ignore[misc]
 
 

@@ -21,7 +21,6 @@ from erasepro_hub.adapters import load_adapter, read_adapter, save_adapter
 from erasepro_hub.errors import (
     AdapterFormatError,
     BaseMismatchError,
-    EraseProError,
     HubError,
     ManifestError,
     VerificationError,
@@ -29,7 +28,7 @@ from erasepro_hub.errors import (
 from erasepro_hub.manifest import parse_manifest
 from erasepro_hub.models.loading import load_builtin
 
-from conftest import DEMO, REPO, TOKENS
+from conftest import DEMO, TOKENS
 
 VALID = yaml.safe_load(DEMO.read_text())
 REQUIRED = [("schema_version",), ("base_model",), ("base_model", "id"), ("concepts",), ("concepts", 0, "target"),

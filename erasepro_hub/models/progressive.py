@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -408,13 +408,11 @@ def solve_erasure(
             p_parts.append(_gather(embeds, rows + n_targets, cols))
 
     t0 = time.perf_counter()
-    X = torch.cat(x_parts, dim=-1).double().T
-    Y = torch.cat(y_parts, dim=-1).double().T
-    P = torch.cat(p_parts, dim=-1).double().T if p_parts else None
-    fact = _factorize(plan, X, P, uce=plan.method == "uce")
-    # T = W Y, W X and W P at the precision the pipeline computes them (its dtype), then float64
+    # rows of the prompt embedding at the constrained positions (pipeline dtype); the solver works on columns
     Xm, Ym = torch.cat(x_parts, dim=-1), torch.cat(y_parts, dim=-1)
     Pm = torch.cat(p_parts, dim=-1) if p_parts else None
+    fact = _factorize(plan, Xm.double().T, Pm.double().T if Pm is not None else None, uce=plan.method == "uce")
+    # T = W Y, W X and W P at the precision the pipeline computes them (its dtype), then float64
     for key, weight in model.kv_weights.items():
         T = (Ym @ weight.T).double().T
         WX = (Xm @ weight.T).double().T

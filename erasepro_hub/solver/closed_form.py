@@ -228,9 +228,26 @@ def factorize_zero_residual(
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
     U, s, Vh = torch.linalg.svd(system, full_matrices=False)
     r = _rank(s, rtol)
-    U, s_r, V = U[:, :r], s[:r], Vh[:r].T
+    return _finish(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
+
+
+def _finish(
+    X: Tensor,
+    P: Tensor | None,
+    A: Tensor,
+    V: Tensor,
+    s: Tensor,
+    r: int,
+    n_constraints: int,
+    preserve_mode: str,
+    rtol: float,
+    ridge: float,
+) -> Factorization:
+    """The zero-residual factorisation from ``A`` (``r × d``), the right singular vectors ``V`` (``N' × r``)
+    and the spectrum ``s``: ``right = V diag(1/σ)`` (or ``σ/(σ² + ε)`` with a ridge)."""
+    s_r = s[:r]
     inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
-    A = U.T.contiguous()
+    A = A.contiguous()
     return Factorization(
         kind="zero-residual",
         X=X,
@@ -239,8 +256,8 @@ def factorize_zero_residual(
         P=P,
         AX=A @ X,
         AP=A @ P if P is not None else None,
-        n_targets=n,
-        n_constraints=system.shape[1],
+        n_targets=X.shape[1],
+        n_constraints=n_constraints,
         rank=r,
         singular_values=s,
         rtol=rtol,
@@ -271,26 +288,10 @@ def _factorize_wide(
     values, U = values.flip(0).clamp_min(0), U.flip(1)
     s = values.sqrt()
     r = _rank(s, rtol)
-    s_r, U = s[:r], U[:, :r]
-    V = (system.T @ U) / s_r
-    inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
-    A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T.contiguous()
-    return Factorization(
-        kind="zero-residual",
-        X=X,
-        A=A,
-        right=(V * inv[None, :]).contiguous(),
-        P=P,
-        AX=A @ X,
-        AP=A @ P if P is not None else None,
-        n_targets=n,
-        n_constraints=system.shape[1],
-        rank=r,
-        singular_values=s,
-        rtol=rtol,
-        exact=ridge == 0,
-        preserve_mode=preserve_mode,
-    )
+    U = U[:, :r]
+    V = (system.T @ U) / s[:r]
+    A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T
+    return _finish(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
 
 
 def _factorize_soft(X: Tensor, P: Tensor, weight: float, rtol: float, ridge: float) -> Factorization:
@@ -309,25 +310,8 @@ def _factorize_soft(X: Tensor, P: Tensor, weight: float, rtol: float, ridge: flo
     values, V = values.flip(0).clamp_min(0), V.flip(1)
     s = values.sqrt()  # singular values of M^{-1/2} X
     r = _rank(s, rtol)
-    s_r, V = s[:r], V[:, :r]
-    inv = s_r / (s_r.square() + ridge) if ridge > 0 else 1.0 / s_r
-    A = ((Z @ V) / s_r).T.contiguous()
-    return Factorization(
-        kind="zero-residual",
-        X=X,
-        A=A,
-        right=(V * inv[None, :]).contiguous(),
-        P=P,
-        AX=A @ X,
-        AP=A @ P,
-        n_targets=n,
-        n_constraints=n,
-        rank=r,
-        singular_values=s,
-        rtol=rtol,
-        exact=ridge == 0,
-        preserve_mode="soft",
-    )
+    V = V[:, :r]
+    return _finish(X, P, ((Z @ V) / s[:r]).T, V, s, r, n, "soft", rtol, ridge)
 
 
 def factorize_uce(
