@@ -334,3 +334,19 @@ def test_contract_check_catches_unknown_routes(hub):
     assert exc.value.code == 404 and exc.value.headers["X-Error-Code"] == "RouteNotFound"
     assert [r.route for r in hub.requests[start:]] == ["UNKNOWN"]
     hub.requests[start:] = []  # this one was on purpose
+
+
+@pytest.mark.parametrize("step", ["preupload", "lfs-batch", "lfs-upload", "commit"])
+def test_a_slow_server_delays_a_push_but_never_splits_it(step, demo_folder, tmp_path, as_alice, hub):
+    """The client sets no timeout on Hub API calls: a slow answer delays the push, which stays one commit."""
+    repo_id = repo()
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    hub.faults.slow_seconds = 1.5
+    hub.faults.add(step, "slow", times=1)
+    try:
+        result = push(folder, repo_id)
+    finally:
+        hub.faults.clear()
+    branches, _, commits = remote_state(hub, repo_id)
+    assert branches["main"] == result.commit and commits == 2  # the initial commit and ours
