@@ -24,7 +24,7 @@ from .adapters.fingerprint import weight_fingerprints
 from .adapters.folder import MANIFEST_FILE, METRICS_FILE, open_folder
 from .adapters.lora import ADAPTER_FILE, dense_as_lora, file_sha256, save_adapter
 from .cards import write_card
-from .errors import VerificationError
+from .errors import EraseProError, VerificationError
 from .fsutil import atomic_folder, check_output
 from .manifest import (
     BaseModelRef,
@@ -120,10 +120,23 @@ class LoadedBase:
     license: str | None = None  # the base model's licence, from its model card
 
 
+def check_device(device: str) -> None:
+    """A clear error for a device that does not exist here (before anything is loaded)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EraseProError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EraseProError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EraseProError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
     """Load what the solver needs of the recipe's base model."""
     from .models.loading import DTYPES, load_builtin, load_edit_model, read_card_license
 
+    check_device(device)
     ref = recipe.base_model
     dtype = DTYPES[recipe.solver.dtype]
     if ref.kind == "builtin":

@@ -167,3 +167,15 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["erase"])  # missing argument: argparse's usage error
     assert exc.value.code == 2
+
+
+def test_unusable_device_and_output_paths(tmp_path, capsys):
+    assert main(["erase", str(DEMO), "--out", str(tmp_path / "o"), "--device", "cuda:7"]) == 2
+    assert "CUDA" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["erase", str(DEMO), "--out", str(tmp_path / "o"), "--device", "toaster"]) == 2
+    assert "not a torch device" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["erase", str(DEMO), "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
