@@ -18,7 +18,6 @@ from pathlib import Path
 from . import __version__
 from .errors import EraseProError
 
-logger = logging.getLogger("erasepro_hub")
 
 
 def _solve_progress(desc: str):

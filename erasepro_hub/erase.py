@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -40,7 +39,6 @@ from .manifest import (
 )
 from .solver import LowRankDelta
 
-logger = logging.getLogger(__name__)
 
 #: ``regenerate --verify`` accepts a max abs difference of this fraction of the largest |ΔW| entry.
 #: It covers float32 feature differences between machines, thread counts and devices; a changed

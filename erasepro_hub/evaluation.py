@@ -98,7 +98,6 @@ def evaluate_folder(
     extra = load_prompt_set(prompts, concepts) if prompts else PromptSet()
     heldout = heldout_pairs(recipe) + extra.heldout
     preserve = drift_prompts(recipe) + extra.preserve
-    metrics: dict[str, Any] = {}
     image_results = None
     if images:
         image_results = _image_evaluation(opened.path, recipe, heldout, preserve, options, state, device)
@@ -145,8 +144,7 @@ def _image_evaluation(folder: Path, recipe: Recipe, heldout, preserve, options: 
     limit = options.max_prompts
     targets = ([p.target for p in training_pairs(recipe)] + [p.target for p in heldout])[:limit]
     captions = [p.text for p in preserve][:limit]
-    base_ref = load_manifest(folder).base_model
-    pipe = load_pipeline(base_ref, dtype=DTYPES[recipe.solver.dtype], device=device)
+    pipe = load_pipeline(recipe.base_model, dtype=DTYPES[recipe.solver.dtype], device=device)
     base_images = {"target": generate(pipe, targets, options, state), "preserve": generate(pipe, captions, options, state)}
     handle = load_adapter(pipe, folder)
     edited_images = {"target": generate(pipe, targets, options, state), "preserve": generate(pipe, captions, options, state)}

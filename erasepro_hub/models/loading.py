@@ -10,7 +10,6 @@ a folder that holds only pickle (``.bin``) weights is refused.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -19,7 +18,6 @@ from ..errors import BaseModelError, UnsupportedModelError
 from .base import FAMILIES, KV_SUFFIXES, EditModel, TextEncoder, sort_sites
 from .builtin import build_builtin, builtin_spec
 
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -432,17 +432,11 @@ def solve_erasure(
     )
 
 
-def count_stages(model: EditModel, plan: ErasurePlan) -> int:
-    """How many progress steps :func:`solve_erasure` reports (text-encoder stages + the final stage)."""
-    return sum(len(s) for s in text_encoder_stages(model, plan).values()) + 1
-
-
 __all__ = [
     "FINAL_STAGE",
     "ErasurePlan",
     "ErasureSolution",
     "SiteSolution",
-    "count_stages",
     "prompt_embeddings",
     "run_encoder",
     "solve_erasure",
