@@ -34,9 +34,12 @@ def _print_summary(path: Path) -> None:
     manifest = load_manifest(path / "erasepro.yaml")
     m = manifest.metrics or {}
     print(f"wrote {path}", file=sys.stderr)
+    for key in ("anchor_similarity", "anchor_similarity_no_edit", "preserve_similarity", "preserve_similarity_min"):
+        if m.get(key) is not None:
+            print(f"  {key:26s} {m[key]:.4f}", file=sys.stderr)
     for key in ("residual_train", "residual_heldout", "preserve_drift", "pooled_residual_train"):
         if m.get(key) is not None:
-            print(f"  {key:22s} {m[key]:.3e}", file=sys.stderr)
+            print(f"  {key:26s} {m[key]:.3e}", file=sys.stderr)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -133,7 +136,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         te = manifest.text_encoder
         print(
             f"method       {manifest.method} (token policy {manifest.solver.token_policy}; text encoder "
-            f"{te.site}, depth {te.depth if te.depth is not None else 'all'}, target mode {te.target_mode})"
+            f"{te.site} from layer {te.first_layer}, depth {te.depth if te.depth is not None else 'all'}, "
+            f"target mode {te.target_mode})"
         )
         for c in manifest.concepts:
             print(f"concept      {c.target!r} → {c.anchor!r}")

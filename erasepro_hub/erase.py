@@ -58,15 +58,48 @@ def _prompts_module():
     return prompts
 
 
+def prompt_templates(recipe: Recipe) -> list[str]:
+    """The manifest's own templates, then the first ``bank_size`` of its kind's bank that it lacks."""
+    own = list(recipe.prompts.templates)
+    if recipe.prompts.kind is None:
+        return own
+    from .banks import bank
+
+    return own + [t for t in bank(recipe.prompts.kind)[: recipe.prompts.bank_size] if t not in own]
+
+
 def training_pairs(recipe: Recipe):
-    return _prompts_module().make_pairs([(c.target, c.anchor) for c in recipe.concepts], recipe.prompts.templates)
+    return _prompts_module().make_pairs([(c.target, c.anchor) for c in recipe.concepts], prompt_templates(recipe))
+
+
+def misspelled_pairs(recipe: Recipe):
+    """Soft pairs: each target's one-letter deletions, alone, with the bare anchor (ErasePro methods only)."""
+    if not recipe.prompts.misspellings or recipe.method == "uce":
+        return []
+    p = _prompts_module()
+    taken = {text.casefold() for c in recipe.concepts for text in (c.target, c.anchor)}
+    return [
+        p.PromptPair(variant, c.anchor, "", index)
+        for index, c in enumerate(recipe.concepts)
+        for variant in p.misspellings(c.target)
+        if variant.casefold() not in taken
+    ]
 
 
 def preserve_prompts(recipe: Recipe):
     if recipe.preserve.mode == "none":
         return []
-    templates = recipe.preserve.templates or recipe.prompts.templates
+    templates = recipe.preserve.templates or prompt_templates(recipe)
     return _prompts_module().make_prompts(recipe.preserve.concepts, templates)
+
+
+def preserve_captions(recipe: Recipe):
+    """The caption set kept in place by soft preservation (ErasePro methods only; UCE keeps its published form)."""
+    if recipe.preserve.captions == "none" or recipe.method == "uce":
+        return []
+    from .banks import captions
+
+    return [_prompts_module().Prompt(text) for text in captions(recipe.preserve.captions)]
 
 
 def heldout_pairs(recipe: Recipe):
@@ -78,7 +111,7 @@ def heldout_pairs(recipe: Recipe):
 
 def drift_prompts(recipe: Recipe):
     p = _prompts_module()
-    templates = recipe.preserve.templates or recipe.prompts.templates
+    templates = recipe.preserve.templates or prompt_templates(recipe)
     prompts = p.make_prompts(recipe.preserve.concepts, templates)
     return prompts + [p.Prompt(text) for text in recipe.evaluation.preserve_prompts]
 
@@ -90,9 +123,15 @@ def plan_from_recipe(recipe: Recipe):
     return ErasurePlan(
         method=recipe.method,
         pairs=tuple(training_pairs(recipe)),
+        soft_pairs=tuple(misspelled_pairs(recipe)),
+        soft_weight=recipe.prompts.misspelling_weight,
         preserve=tuple(preserve_prompts(recipe)) if recipe.preserve.mode != "none" else (),
+        captions=tuple(preserve_captions(recipe)),
+        caption_weight=recipe.preserve.caption_weight,
         token_policy=recipe.solver.token_policy,
+        surplus=recipe.solver.surplus,
         te_site=recipe.text_encoder.site,
+        te_first_layer=recipe.text_encoder.first_layer,
         te_depth=recipe.text_encoder.depth,
         te_target_mode=recipe.text_encoder.target_mode,
         pooled=recipe.text_encoder.pooled,
@@ -151,8 +190,10 @@ def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
 
 
 def resolve_recipe(recipe: Recipe, ref: BaseModelRef) -> Recipe:
+    """The recipe as it is recorded: the base pinned to ``ref`` and every template it uses spelled out."""
     data = to_data(recipe)
     data["base_model"] = to_data(ref)
+    data["prompts"]["templates"] = prompt_templates(recipe)
     return Recipe.model_validate(data)
 
 
@@ -208,6 +249,7 @@ def compute_metrics(comp: Computation) -> dict:
         comp.stored,
         pairs=training_pairs(recipe),
         token_policy=recipe.solver.token_policy,
+        surplus=recipe.solver.surplus,
         heldout=heldout_pairs(recipe),
         preserve=drift_prompts(recipe),
     )

@@ -29,6 +29,11 @@ from .manifest import Recipe, load_manifest, to_data
 from .naming import is_kv_key
 
 SUMMARY_KEYS = (
+    "anchor_similarity",
+    "anchor_similarity_window",
+    "preserve_similarity",
+    "preserve_similarity_min",
+    "preserve_similarity_window",
     "residual_train",
     "residual_heldout",
     "residual_heldout_all",
@@ -109,7 +114,7 @@ def evaluate_folder(
     deltas = opened.adapter.deltas
     metrics = feature_metrics(
         base.model, deltas, pairs=training_pairs(recipe), token_policy=recipe.solver.token_policy,
-        heldout=heldout, preserve=preserve,
+        surplus=recipe.solver.surplus, heldout=heldout, preserve=preserve,
     )
     metrics.update(
         method=recipe.method,
@@ -124,7 +129,8 @@ def evaluate_folder(
     if baseline and recipe.method != "uce":
         uce = compute(with_overrides(recipe, {"method": "uce"}), base=base)
         b = feature_metrics(base.model, uce.stored, pairs=training_pairs(recipe),
-                            token_policy=recipe.solver.token_policy, heldout=heldout, preserve=preserve)
+                            token_policy=recipe.solver.token_policy, surplus=recipe.solver.surplus,
+                            heldout=heldout, preserve=preserve)
         metrics["baseline_uce"] = {k: v for k, v in b.items() if not isinstance(v, dict)} | {"delta_norm_rel": b["delta_norm_rel"]}
     if image_results is not None:
         metrics["images"] = image_results
@@ -236,7 +242,7 @@ def compare(
             sites = comp.solution.sites if comp is not None else []
             metrics = feature_metrics(
                 base.model, comp.stored if comp is not None else {}, pairs=training_pairs(variant_recipe),
-                token_policy=variant_recipe.solver.token_policy,
+                token_policy=variant_recipe.solver.token_policy, surplus=variant_recipe.solver.surplus,
                 heldout=heldout_pairs(variant_recipe) + extra.heldout,
                 preserve=drift_prompts(variant_recipe) + extra.preserve,
             )
@@ -260,6 +266,10 @@ def compare(
 
 COLUMNS = (
     ("variant", "method", "{}"),
+    ("anchor_similarity", "anchor sim.", "{:.4f}"),
+    ("anchor_similarity_window", "anchor sim. (window)", "{:.4f}"),
+    ("preserve_similarity", "preserve sim.", "{:.4f}"),
+    ("preserve_similarity_min", "preserve sim. min", "{:.4f}"),
     ("residual_train", "residual_train", "{:.2e}"),
     ("residual_heldout", "residual_heldout", "{:.4f}"),
     ("residual_heldout_all", "heldout (all tokens)", "{:.4f}"),

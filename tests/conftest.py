@@ -15,6 +15,7 @@ import tempfile
 
 _HUB_ROOT = tempfile.mkdtemp(prefix="erasepro-test-hub-")
 _HF_HOME = tempfile.mkdtemp(prefix="erasepro-test-hf-home-")
+_CACHE = tempfile.mkdtemp(prefix="erasepro-test-cache-")  # caption summaries: never the user's cache
 
 assert "huggingface_hub" not in sys.modules, "the test Hub must start before huggingface_hub is imported"
 from erasepro_hub.testing.hub import DEFAULT_USERS, HubServer  # noqa: E402  (standard library + PyYAML only)
@@ -23,6 +24,7 @@ HUB = HubServer(_HUB_ROOT).start()
 os.environ.update(
     HF_ENDPOINT=HUB.endpoint,
     HF_HOME=_HF_HOME,
+    ERASEPRO_CACHE=_CACHE,
     HF_HUB_OFFLINE="0",
     HF_HUB_DISABLE_XET="1",
     HF_HUB_DISABLE_TELEMETRY="1",
@@ -34,7 +36,9 @@ os.environ.update(
     DIFFUSERS_VERBOSITY="error",
 )
 os.environ.pop("HF_TOKEN", None)
-atexit.register(lambda: (HUB.stop(), shutil.rmtree(_HUB_ROOT, True), shutil.rmtree(_HF_HOME, True)))
+atexit.register(
+    lambda: (HUB.stop(), shutil.rmtree(_HUB_ROOT, True), shutil.rmtree(_HF_HOME, True), shutil.rmtree(_CACHE, True))
+)
 
 from pathlib import Path  # noqa: E402
 

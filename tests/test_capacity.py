@@ -18,9 +18,11 @@ MANY = [
 
 
 def over_capacity(data):
-    # the K/V stage alone (with the progressive default, the text-encoder stages already absorb the edit)
+    # the K/V stage alone (with the progressive default, the text-encoder stages already absorb the edit),
+    # constraining the padding too (concept-suffix)
     data["prompts"]["templates"] = MANY
     data["method"] = "erasepro-kv"
+    data.setdefault("solver", {})["token_policy"] = "concept-suffix"
 
 
 def test_beyond_capacity_reports_rank_and_residual(erase_variant, capsys):
@@ -40,10 +42,14 @@ def test_beyond_capacity_reports_rank_and_residual(erase_variant, capsys):
 
 def test_the_progressive_solve_absorbs_it_in_the_wider_text_encoder_sites(erase_variant):
     """The same prompts with method erasepro: the 768-wide mlp.fc2 stages hold all 253 constraints."""
-    folder = erase_variant("over-capacity-progressive", lambda d: d["prompts"].update(templates=MANY))
+    def many(data):
+        data["prompts"].update(templates=MANY)
+        data.setdefault("solver", {})["token_policy"] = "concept-suffix"
+
+    folder = erase_variant("over-capacity-progressive", many)
     manifest = load_manifest(folder / "erasepro.yaml")
     te = [s for s in manifest.outputs.sites if not s.name.startswith("unet.")]
-    assert len(te) == 4
+    assert len(te) == 3  # layers 1-3 of the 4-layer encoder (text_encoder.first_layer: 1)
     for site in te:
         assert site.n_constraints == 253 and site.rank == 253 and site.residual <= 1e-10
     assert manifest.metrics["residual_train"] <= 1e-5
@@ -86,6 +92,7 @@ def test_beyond_capacity_in_the_python_api_warns():
 
     data = to_data(load_manifest(DEMO))
     over_capacity(data)
+    data["solver"]["token_policy"] = "concept-suffix"
     data["method"] = "erasepro-kv"
     import yaml
 

@@ -28,7 +28,7 @@ def edited(change) -> dict:
 
 
 BAD = {
-    "unknown key": (edited(lambda d: d["solver"].update(token_polcy="eos")), "solver.token_polcy"),
+    "unknown key": (edited(lambda d: d.setdefault("solver", {}).update(token_polcy="eos")), "solver.token_polcy"),
     "missing anchor": (edited(lambda d: d["concepts"][0].pop("anchor")), "concepts.0.anchor"),
     "empty targets": (edited(lambda d: d.update(concepts=[])), "concepts"),
     "blank target": (edited(lambda d: d["concepts"][0].update(target="  ")), "concepts.0.target"),
@@ -147,8 +147,9 @@ def test_inspect(demo_folder, capsys):
     import json
 
     summary = json.loads(capsys.readouterr().out)
-    # the 4 text-encoder stages carry the update; the K/V targets then already hold (no K/V update stored)
-    assert summary["sites"] == 4 and summary["text_encoder_sites"] == 4 and summary["integrity"] == "ok"
+    # 3 text-encoder stages (layers 1-3) carry the exact update; the K/V sites store only the soft
+    # misspelling terms (their exact targets already hold)
+    assert summary["sites"] == 11 and summary["text_encoder_sites"] == 3 and summary["integrity"] == "ok"
 
 
 def test_inspect_reports_tampering(demo_folder, tmp_path, capsys):

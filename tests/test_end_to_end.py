@@ -183,18 +183,20 @@ def test_folder_contents(demo_folder):
     from erasepro_hub.manifest import recipe_sha256
 
     assert adapter.recipe_sha256 == recipe_sha256(manifest) == manifest.outputs.recipe_sha256
-    # 4 text-encoder stages (mlp.fc2 of every layer, stream mode) carry the erasure; at the 8
-    # cross-attention K/V sites the targets then already hold within residual_tol, so nothing is stored
-    assert sum(k.startswith("text_encoder.") for k in adapter.deltas) == 4
-    assert sum(k.startswith("unet.") for k in adapter.deltas) == 0
+    # 3 text-encoder stages (mlp.fc2 of layers 1-3, stream mode) carry the erasure; at the 8
+    # cross-attention K/V sites the exact targets then already hold within residual_tol, so only the
+    # soft misspelling terms are stored there (a smaller rank than the exact constraints)
+    assert sum(k.startswith("text_encoder.") for k in adapter.deltas) == 3
+    assert sum(k.startswith("unet.") for k in adapter.deltas) == 8
     sites = manifest.outputs.sites
-    assert len(sites) == 12
+    assert len(sites) == 11
     for site in sites:
-        assert site.rank == site.n_constraints
         if site.name.startswith("unet."):
-            assert site.update_rank == 0 and site.residual <= manifest.solver.residual_tol
+            # surplus concept tokens and EOS all became the anchor's EOS: dependent (consistent) columns
+            assert site.rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
+            assert site.update_rank > 0
         else:
-            assert site.update_rank == site.rank and site.residual <= 1e-10
+            assert site.rank == site.n_constraints and site.update_rank > site.rank and site.residual <= 1e-10
 
 
 @pytest.mark.parametrize(
@@ -222,7 +224,9 @@ def test_variants_reach_zero_residual_through_plain_diffusers(erase_variant, nam
         assert len(te) == (2 if name == "stream" else 1)
         assert all(s.residual <= 1e-10 for s in manifest.outputs.sites)
     if name == "exact-preserve":
-        # 112 target tokens + 31 tokens of "Claude Monet" in the "{}" template, all held exactly
+        # the target tokens + every position of "Claude Monet" in the "{}" template, all held exactly
         for site in manifest.outputs.sites:
-            assert site.n_constraints == 112 + 31 and site.rank == site.n_constraints
+            assert site.n_constraints == manifest.metrics["n_constrained_tokens"] + 32
+            # the padding repeats itself, so the numerical rank can be below the column count
+            assert site.rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
             assert site.preserve_residual <= 1e-10

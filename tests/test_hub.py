@@ -163,10 +163,10 @@ def test_load_adapter_from_the_hub_is_verified(demo_folder, tmp_path, as_alice, 
     # a pipeline with other weights is refused before anything changes, as for folders
     other = load_builtin("tiny-sd")[0]
     with torch.no_grad():
-        other.text_encoder.get_submodule("encoder.layers.0.mlp.fc2").weight[0, 0] += 1.0
+        other.text_encoder.get_submodule("encoder.layers.1.mlp.fc2").weight[0, 0] += 1.0
     from erasepro_hub.errors import BaseMismatchError
 
-    with pytest.raises(BaseMismatchError, match="layers.0.mlp.fc2"):
+    with pytest.raises(BaseMismatchError, match="layers.1.mlp.fc2"):
         load_adapter(other, repo_id, revision=sha)
 
 

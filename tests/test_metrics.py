@@ -36,6 +36,20 @@ def first_difference(pipe, a: str, b: str) -> int:
     return next(i for i, (x, y) in enumerate(zip(ia, ib)) if x != y)
 
 
+def pairs_by_hand(pipe, target: str, anchor: str, k: int, *, everything: bool = False) -> list[tuple[int, int]]:
+    """DESIGN §2.5 written out: the concept and the tail shifted by the length difference, surplus concept
+    tokens to the anchor's end-of-text token; up to the target's EOS (``concept-eos``), or every position
+    of the window with the prefix (``all``)."""
+    length = pipe.tokenizer.model_max_length
+    nt, na = own_length(pipe, target), own_length(pipe, anchor)
+    d = nt - na
+    last = length if everything else nt
+    found = [(i, i) for i in range(k)] if everything else []
+    found += [(q, na - 1) for q in range(k, k + max(d, 0))]
+    found += [(q, q - d) for q in range(k + max(d, 0), last) if q - d < length]
+    return found
+
+
 def frob(rows: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float((r.double() ** 2).sum()) for r in rows))
 
@@ -50,29 +64,29 @@ def setup(demo_folder):
     return original, edited, model, deltas
 
 
-def residual_by_hand(original, edited, pairs: list[tuple[str, str, int]]) -> dict[str, float]:
-    """For each site: sqrt(Σ_pairs Σ_positions ‖K'(t)_p − K(a)_p‖²) / sqrt(Σ ‖K(a)_p‖²)."""
+def residual_by_hand(original, edited, pairs: list[tuple[str, str, int]], *, everything=False) -> dict[str, float]:
+    """For each site: sqrt(Σ_pairs Σ_(q, p) ‖K'(t)_q − K(a)_p‖²) / sqrt(Σ ‖K(a)_p‖²) over the paired positions."""
     num: dict[str, float] = {}
     den: dict[str, float] = {}
-    length = original.tokenizer.model_max_length
     for target, anchor, start in pairs:
         kt = kv_by_hand(edited, encode_by_hand(edited, target))
         ka = kv_by_hand(original, encode_by_hand(original, anchor))
         for site in ka:
-            for p in range(start, length):
-                num[site] = num.get(site, 0.0) + float(((kt[site][p] - ka[site][p]).double() ** 2).sum())
+            for q, p in pairs_by_hand(original, target, anchor, start, everything=everything):
+                num[site] = num.get(site, 0.0) + float(((kt[site][q] - ka[site][p]).double() ** 2).sum())
                 den[site] = den.get(site, 0.0) + float((ka[site][p].double() ** 2).sum())
     return {site: math.sqrt(num[site]) / math.sqrt(den[site]) for site in num}
 
 
 def test_residuals_drift_and_norms_by_hand(setup):
     original, edited, model, deltas = setup
+    # anchors the erasure was not made for, so that the residual is far above float32 rounding
     train = [fill(t, "Vincent van Gogh") for t in ("{}", "a painting by {}")]
-    anchors = [fill(t, "a painting") for t in ("{}", "a painting by {}")]
+    anchors = [fill(t, "a photograph") for t in ("{}", "a painting by {}")]
     pairs = [PromptPair(t.text, a.text, t.prefix) for t, a in zip(train, anchors)]
     heldout = [PromptPair("a starry night by Vincent van Gogh", "a starry night by a painting")]
     preserve = [Prompt("a photo of a dog on a beach"), Prompt("a portrait by Rembrandt")]
-    metrics = feature_metrics(model, deltas, pairs=pairs, token_policy="concept-suffix", heldout=heldout,
+    metrics = feature_metrics(model, deltas, pairs=pairs, token_policy="concept-eos", heldout=heldout,
                               preserve=preserve)
 
     starts = [len(original.tokenizer(t.prefix).input_ids) - 1 for t in train]
@@ -85,7 +99,8 @@ def test_residuals_drift_and_norms_by_hand(setup):
     h = heldout[0]
     held = residual_by_hand(original, edited, [(h.target, h.anchor, first_difference(original, h.target, h.anchor))])
     assert metrics["residual_heldout"] == pytest.approx(sum(held.values()) / len(held), rel=1e-5)
-    held_all = residual_by_hand(original, edited, [(h.target, h.anchor, 0)])
+    held_all = residual_by_hand(original, edited, [(h.target, h.anchor, first_difference(original, h.target, h.anchor))],
+                                everything=True)
     assert metrics["residual_heldout_all"] == pytest.approx(sum(held_all.values()) / len(held_all), rel=1e-5)
 
     drift_sites = {}
@@ -112,7 +127,71 @@ def test_residuals_drift_and_norms_by_hand(setup):
 def test_no_edit_means_no_drift_and_the_raw_gap(setup):
     original, _, model, _ = setup
     pair = PromptPair("a painting by Vincent van Gogh", "a painting by a painting", "a painting by ")
-    metrics = feature_metrics(model, {}, pairs=[pair], token_policy="concept-suffix", preserve=[Prompt("a cat")])
+    metrics = feature_metrics(model, {}, pairs=[pair], token_policy="concept-eos", preserve=[Prompt("a cat")])
     assert metrics["preserve_drift"] == 0.0 and metrics["delta_norm_total"] == 0.0
     by_hand = residual_by_hand(original, original, [(pair.target, pair.anchor, 4)])
     assert metrics["residual_train"] == pytest.approx(sum(by_hand.values()) / len(by_hand), rel=1e-5)
+
+
+def own_length(pipe, prompt: str) -> int:
+    """BOS to the first end-of-text token, inclusive."""
+    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+    return len(ids)
+
+
+def pooled_cosine(ka: dict, kb: dict, na: int | None, nb: int | None) -> float:
+    """Mean over sites of cos(mean of ka[:na], mean of kb[:nb]) (``None``: every position)."""
+    sims = []
+    for site in ka:
+        a = ka[site][:na].double().mean(0)
+        b = kb[site][:nb].double().mean(0)
+        sims.append(float(a @ b / (a.norm() * b.norm())))
+    return sum(sims) / len(sims)
+
+
+def test_similarities_by_hand(setup):
+    original, edited, model, deltas = setup
+    pairs = [PromptPair("a painting by Vincent van Gogh", "a painting by a painting", "a painting by ")]
+    heldout = [
+        PromptPair("a starry night by Vincent van Gogh", "a starry night by a painting"),
+        PromptPair("Vincent van Gogh", "a painting"),
+    ]
+    unrelated = [Prompt("a photo of a dog on a beach"), Prompt("a portrait by Rembrandt")]
+    concept_prompt = fill("a sketch by {}", "Claude Monet")
+    metrics = feature_metrics(model, deltas, pairs=pairs, token_policy="concept-eos", heldout=heldout,
+                              preserve=unrelated + [concept_prompt])
+
+    def kv(pipe, text):
+        return kv_by_hand(pipe, encode_by_hand(pipe, text))
+
+    masked = [pooled_cosine(kv(edited, h.target), kv(original, h.anchor), own_length(original, h.target),
+                            own_length(original, h.anchor)) for h in heldout]
+    window = [pooled_cosine(kv(edited, h.target), kv(original, h.anchor), None, None) for h in heldout]
+    before = [pooled_cosine(kv(original, h.target), kv(original, h.anchor), own_length(original, h.target),
+                            own_length(original, h.anchor)) for h in heldout]
+    assert metrics["anchor_similarity"] == pytest.approx(sum(masked) / 2, rel=1e-5)
+    assert metrics["anchor_similarity_window"] == pytest.approx(sum(window) / 2, rel=1e-5)
+    assert metrics["anchor_similarity_no_edit"] == pytest.approx(sum(before) / 2, rel=1e-5)
+
+    kept = [pooled_cosine(kv(edited, p.text), kv(original, p.text), own_length(original, p.text),
+                          own_length(original, p.text)) for p in unrelated]
+    assert metrics["preserve_similarity"] == pytest.approx(sum(kept) / 2, rel=1e-5)
+    assert metrics["preserve_similarity_min"] == pytest.approx(min(kept), rel=1e-5)
+    kept_window = [pooled_cosine(kv(edited, p.text), kv(original, p.text), None, None) for p in unrelated]
+    assert metrics["preserve_similarity_window"] == pytest.approx(sum(kept_window) / 2, rel=1e-5)
+    concept = pooled_cosine(kv(edited, concept_prompt.text), kv(original, concept_prompt.text),
+                            own_length(original, concept_prompt.text), own_length(original, concept_prompt.text))
+    assert metrics["preserve_similarity_concepts"] == pytest.approx(concept, rel=1e-5)
+    # the erasure moved the held-out prompts towards their anchors and left unrelated prompts nearly alone
+    assert metrics["anchor_similarity"] > metrics["anchor_similarity_no_edit"]
+    assert 0.9 < metrics["preserve_similarity"] < 1.0
+
+
+def test_no_edit_similarities(setup):
+    _, _, model, _ = setup
+    heldout = [PromptPair("a starry night by Vincent van Gogh", "a starry night by a painting")]
+    metrics = feature_metrics(model, {}, pairs=heldout, token_policy="concept-eos", heldout=heldout,
+                              preserve=[Prompt("a cat")])
+    assert metrics["anchor_similarity"] == pytest.approx(metrics["anchor_similarity_no_edit"], rel=1e-9)
+    assert metrics["preserve_similarity"] == pytest.approx(1.0, abs=1e-9)
+    assert metrics["preserve_similarity_min"] == pytest.approx(1.0, abs=1e-9)

@@ -82,11 +82,14 @@ def _positions(policy, target, anchor, template):
     return pair_positions(policy, pairs, t, a, [0]), t, a
 
 
-def test_concept_suffix_pairs_by_offset_to_the_end():
+def test_concept_suffix_pairs_the_tail_from_the_concept_end():
     pos, t, a = _positions("concept-suffix", "Vincent van Gogh", "art", "a painting by {}")
     k = 4  # BOS a painting by
-    assert pos.t_pos.tolist() == list(range(k, 16)) and pos.a_pos.tolist() == list(range(k, 16))
-    assert t.ids[0, k].item() != a.ids[0, k].item()
+    pairs = list(zip(pos.t_pos.tolist(), pos.a_pos.tolist()))
+    # vincent, van → the anchor's EOS (5); gogh ↔ art; then EOS ↔ EOS and the padding, shifted by 2
+    assert pairs[:3] == [(k, 5), (k + 1, 5), (k + 2, k)]
+    assert pairs[3:] == [(q, q - 2) for q in range(k + 3, 16)]
+    assert int(t.ids[0, k + 2]) != int(a.ids[0, k]) and int(t.ids[0, 7]) == int(a.ids[0, 5])  # EOS ↔ EOS
 
 
 def test_eos_and_last_token_policies():
@@ -98,24 +101,26 @@ def test_eos_and_last_token_policies():
     assert pos.t_pos.tolist() == list(range(16))
 
 
-def test_heldout_pair_without_template_uses_first_difference():
+def test_heldout_pair_without_template_finds_the_shared_prefix():
     tok = clip_tokenizer(16)
     pair = PromptPair("a painting by van gohg", "a painting by art")
     t, a = encode(tok, [Prompt(pair.target)]), encode(tok, [Prompt(pair.anchor)])
-    pos = pair_positions("concept-suffix", [pair], t, a, [0])
+    pos = pair_positions("concept-eos", [pair], t, a, [0])
     assert pos.t_pos[0].item() == 4
     with pytest.raises(PromptError, match="same tokens"):
         same = PromptPair("a cat", "a cat")
         e = encode(tok, [Prompt(same.target)])
-        pair_positions("concept-suffix", [same], e, e, [0])
+        pair_positions("concept-eos", [same], e, e, [0])
 
 
 def test_single_positions_for_preserve_prompts():
     tok = clip_tokenizer(16)
     enc = encode(tok, [fill("a painting by {}", "Monet"), Prompt("no template")])
-    rows, pos = single_positions("concept-suffix", enc)
-    assert pos[rows == 0].tolist() == list(range(4, 16))
-    assert pos[rows == 1].tolist() == list(range(16))  # unknown prefix: every position
+    rows, pos = single_positions("concept-eos", enc)
+    assert pos[rows == 0].tolist() == list(range(16))  # preservation keeps every position
+    assert pos[rows == 1].tolist() == list(range(16))
+    rows, pos = single_positions("eos", enc)
+    assert pos.tolist() == [enc.eos[0], enc.eos[1]]
 
 
 def test_concept_cut_off_by_truncation_is_an_error():

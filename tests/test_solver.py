@@ -261,3 +261,61 @@ def test_beyond_capacity_with_soft_preservation_is_the_metric_least_squares():
     expected = (T - W @ X) @ torch.linalg.pinv(Linv @ X) @ Linv
     assert rel(result.delta.dense(), expected) <= 1e-9
     assert result.report.rank == d and result.report.n_constraints == n
+
+
+# ----------------------------------------------------------------------------- soft terms
+def _kkt(W, X, T, *, metric, lam=0.0, V=None, T_soft=None, exact_P=None):
+    """The constrained minimiser by its KKT system, dense and float64: min tr(D M Dᵀ) − 2λ tr(R_v Vᵀ Dᵀ)
+    s.t. D X = T − W X (and D P = 0 for ``exact_P``)."""
+    m = W.shape[0]
+    C, Rc = X, T - W @ X
+    if exact_P is not None:
+        C = torch.cat([X, exact_P], 1)
+        Rc = torch.cat([Rc, torch.zeros(m, exact_P.shape[1], dtype=torch.float64)], 1)
+    Mi = torch.linalg.inv(metric)
+    pull = lam * (T_soft - W @ V) @ V.T if V is not None else torch.zeros_like(W)
+    multipliers = (Rc - pull @ Mi @ C) @ torch.linalg.inv(C.T @ Mi @ C)
+    return (pull + multipliers @ C.T) @ Mi
+
+
+@pytest.mark.parametrize("mode", ["none", "soft", "exact"])
+def test_soft_targets_and_caption_metric_against_the_kkt_solution(problem, mode):
+    """Soft targets (misspellings) and an extra soft metric factor (a caption summary) on top of each
+    preservation mode: exact on X, and equal to the dense KKT solution of the same objective."""
+    W, X, T = problem
+    g = torch.Generator().manual_seed(3)
+    d = W.shape[1]
+    P = torch.randn(d, 9, generator=g, dtype=torch.float64)
+    S = torch.randn(d, 20, generator=g, dtype=torch.float64)  # a caption summary, weight folded in
+    V = torch.randn(d, 7, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], 7, generator=g, dtype=torch.float64)
+    lam, wp = 0.7, 0.3
+    fact = factorize_zero_residual(
+        X, preserve=P, preserve_mode=mode, preserve_weight=wp, soft=S, soft_targets=V, soft_target_weight=lam
+    )
+    result = solve(fact, W, T, T_soft=T_soft)
+    delta = result.delta.dense()
+    assert rel((W + delta) @ X, T) <= 1e-10 and result.report.residual <= 1e-10
+    metric = torch.eye(d, dtype=torch.float64) + S @ S.T + lam * V @ V.T + (wp * P @ P.T if mode == "soft" else 0)
+    expected = _kkt(W, X, T, metric=metric, lam=lam, V=V, T_soft=T_soft, exact_P=P if mode == "exact" else None)
+    assert rel(delta, expected) <= 1e-9
+    if mode == "exact":
+        assert float(torch.linalg.norm(delta @ P)) <= 1e-9 * float(torch.linalg.norm(W @ P))
+    assert result.report.delta_norm == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-9)
+
+
+def test_soft_targets_pull_towards_their_targets(problem):
+    W, X, T = problem
+    g = torch.Generator().manual_seed(4)
+    V = torch.randn(W.shape[1], 5, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], 5, generator=g, dtype=torch.float64)
+    misses = []
+    for lam in (0.01, 1.0, 100.0):
+        fact = factorize_zero_residual(X, soft_targets=V, soft_target_weight=lam)
+        delta = solve(fact, W, T, T_soft=T_soft).delta.dense()
+        misses.append(rel((W + delta) @ V, T_soft))
+    assert misses[0] > misses[1] > misses[2]
+    with pytest.raises(ValueError, match="T_soft"):
+        solve(factorize_zero_residual(X, soft_targets=V), W, T)
+    with pytest.raises(ValueError, match="T_soft"):
+        solve(factorize_zero_residual(X), W, T, T_soft=T_soft)

@@ -70,6 +70,10 @@ def _fmt(value: float) -> str:
 
 
 METRIC_ROWS = (
+    ("anchor_similarity", "held-out prompts: similarity to the anchor (1 = erased)"),
+    ("anchor_similarity_no_edit", "  the same before the erasure"),
+    ("preserve_similarity", "unrelated prompts: similarity to before (1 = untouched)"),
+    ("preserve_similarity_min", "  the least similar unrelated prompt"),
     ("residual_train", "K/V residual, training prompts"),
     ("residual_train_k", "  K only"),
     ("residual_train_v", "  V only"),

@@ -1,18 +1,30 @@
 """Feature-level metrics (DESIGN §5), computed on the model itself with the adapter as stored.
 
-* ``residual_train`` — ``||K'(target) − K(anchor)||_F / ||K(anchor)||_F`` at the constrained
-  positions of the solver's own prompts, per cross-attention site; reported as the
-  mean over ``to_k`` sites (``_k``), over ``to_v`` sites (``_v``) and over all.
+Read first — they depend on no token pairing:
+
+* ``anchor_similarity`` — for each held-out pair, the cosine between the mean-pooled K (and V) of
+  the edited target prompt and of the original anchor prompt, averaged over every cross-attention
+  ``to_k``/``to_v``, then over the pairs. Pooled over each prompt's own tokens (BOS to EOS);
+  ``anchor_similarity_window`` pools over every position the UNet attends to, padding included.
+  ``anchor_similarity_no_edit`` is the same for the unedited model. Goal: 1.
+* ``preserve_similarity`` — the same between each unrelated prompt after and before the edit:
+  mean, ``_min`` over the prompts, and ``_window``; ``preserve_similarity_concepts`` for the
+  prompts built from the preserve concepts. Goal: 1.
+
+Residuals, at the positions the token policy pairs (:func:`erasepro_hub.models.prompts.pair_positions`,
+the same call the solver makes):
+
+* ``residual_train`` — ``||K'(target) − K(anchor)||_F / ||K(anchor)||_F`` on the solver's own prompts,
+  per cross-attention site; reported as the mean over ``to_k`` sites (``_k``), ``to_v`` sites (``_v``)
+  and all.
 * ``residual_heldout`` — the same on held-out pairs the solver never saw; ``residual_heldout_all``
-  measures it over every position of the padded window, so token policies can be compared.
-* ``preserve_drift`` — ``||K'(p) − K(p)||_F / ||K(p)||_F`` over every position of preserve
-  and unrelated prompts; ``drift_preserve_concepts`` and ``drift_unrelated`` split it into the
-  prompts built from the preserve concepts and the unrelated evaluation prompts.
+  over every paired position of the window (the ``all`` policy), so token policies can be compared.
+* ``preserve_drift`` — ``||K'(p) − K(p)||_F / ||K(p)||_F`` over every position of preserve and
+  unrelated prompts; ``drift_preserve_concepts`` and ``drift_unrelated`` split it.
 * ``delta_norm_rel[site]`` — ``||ΔW||_F / ||W||_F``.
 
-``K'`` is computed as the adapter-loaded pipeline computes it: the edited text
-encoder (forward hooks with the stored factors), then ``x Wᵀ + (x Aᵀ) Bᵀ`` in the
-model's dtype.
+``K'`` is computed as the adapter-loaded pipeline computes it: the edited text encoder (forward
+hooks with the stored factors), then ``x Wᵀ + (x Aᵀ) Bᵀ`` in the model's dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from ..naming import get_module, is_kv_key, split_key
 from ..solver import LowRankDelta
 from ..models.base import EditModel
 from ..models.progressive import prompt_embeddings
-from ..models.prompts import Prompt, PromptPair, encode, pair_positions, single_positions
+from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair, encode, pair_positions, single_positions
 
 
 @dataclass(frozen=True)
@@ -76,8 +88,16 @@ class EditedEncoders:
             self._applied.remove()
 
 
-def _ids(model: EditModel, prompts: Sequence[Prompt]):
+def _encode(model: EditModel, prompts: Sequence[Prompt]) -> list[Encoded]:
     return [encode(te.tokenizer, prompts) for te in model.text_encoders]
+
+
+def _embeddings(model: EditModel, encoded: Sequence[Encoded], deltas: Mapping[str, LowRankDelta] | None = None):
+    """``(prompt embedding, pooled)`` through the original encoders, or the edited ones with ``deltas``."""
+    if not deltas:
+        return prompt_embeddings(model, [e.ids for e in encoded])
+    with EditedEncoders(model, deltas):
+        return prompt_embeddings(model, [e.ids for e in encoded])
 
 
 def _kv(weight: torch.Tensor, delta: LowRankDelta | None, x: torch.Tensor) -> torch.Tensor:
@@ -111,60 +131,120 @@ def _site_residuals(
     return {name: SiteResiduals(values) for name, values in out.items()}
 
 
+def _own_mask(encoded: Encoded) -> torch.Tensor:
+    """``(n, L)``: each prompt's own tokens, BOS to its first end-of-text token."""
+    positions = torch.arange(encoded.length)
+    return positions[None, :] <= torch.tensor(encoded.eos)[:, None]
+
+
+def pooled_similarity(
+    model: EditModel,
+    x: torch.Tensor,
+    x_deltas: Mapping[str, LowRankDelta],
+    x_mask: torch.Tensor | None,
+    y: torch.Tensor,
+    y_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per prompt: the cosine between the mean-pooled ``K'(x)`` and ``K(y)``, averaged over every K/V site.
+
+    ``x``, ``y``: ``(n, L, D)`` prompt embeddings; ``x_deltas``: the K/V deltas applied to ``x``;
+    a mask ``(n, L)`` selects the positions pooled (``None``: the whole window).
+    """
+    sims = []
+    for key, weight in model.kv_weights.items():
+        kx = _kv(weight, x_deltas.get(key), x).double()
+        ky = _kv(weight, None, y).double()
+        px = kx.mean(1) if x_mask is None else (kx * x_mask[..., None]).sum(1) / x_mask.sum(1, keepdim=True)
+        py = ky.mean(1) if y_mask is None else (ky * y_mask[..., None]).sum(1) / y_mask.sum(1, keepdim=True)
+        sims.append(torch.nn.functional.cosine_similarity(px, py, dim=-1))
+    return torch.stack(sims).mean(0)
+
+
+@dataclass(frozen=True)
+class PairMeasures:
+    """What one pass over target/anchor pairs gives: residuals by token policy, the pooled residual,
+    and the alignment-free similarities (per pair)."""
+
+    residuals: dict[str, SiteResiduals]
+    pooled_residual: float | None
+    similarity: torch.Tensor | None = None
+    similarity_window: torch.Tensor | None = None
+    similarity_no_edit: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def pair_residuals(
+def measure_pairs(
     model: EditModel,
     deltas: Mapping[str, LowRankDelta],
     pairs: Sequence[PromptPair],
-    token_policy: str,
-    *extra_policies: str,
-) -> tuple[SiteResiduals, float | None] | tuple[dict[str, SiteResiduals], float | None]:
-    """K/V residuals of target prompts (edited) against anchor prompts (original), and the pooled residual.
-
-    With ``extra_policies`` the residuals come back as ``{policy: SiteResiduals}`` for every policy,
-    from one pass over the prompts.
-    """
+    policies: Sequence[str],
+    *,
+    surplus: str = DEFAULT_SURPLUS,
+    similarities: bool = True,
+) -> PairMeasures:
+    """K/V residuals (one :class:`SiteResiduals` per policy) and, with ``similarities``, the pooled similarity of
+    each edited target to its original anchor (and of the unedited target, the baseline)."""
     anchor_keys: dict[tuple[str, str | None], int] = {}
     rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
-    targets = [Prompt(p.target, p.prefix) for p in pairs]
-    anchors = [Prompt(t, prefix) for t, prefix in anchor_keys]
-    enc_t, enc_a = _ids(model, targets), _ids(model, anchors)
-    orig, orig_pooled = prompt_embeddings(model, [e.ids for e in enc_a])
-    with EditedEncoders(model, deltas):
-        edit, edit_pooled = prompt_embeddings(model, [e.ids for e in enc_t])
-    results = {}
-    for policy in (token_policy, *extra_policies):
-        positions = pair_positions(policy, pairs, enc_t[0], enc_a[0], rows)
+    enc_t = _encode(model, [Prompt(p.target, p.prefix) for p in pairs])
+    enc_a = _encode(model, [Prompt(t, prefix) for t, prefix in anchor_keys])
+    orig, orig_pooled = _embeddings(model, enc_a)
+    edit, edit_pooled = _embeddings(model, enc_t, deltas)
+    causal = model.text_encoders[0].arch.causal
+    residuals = {}
+    for policy in policies:
+        positions = pair_positions(policy, pairs, enc_t[0], enc_a[0], rows, causal=causal, surplus=surplus)
         x = edit[positions.t_rows, positions.t_pos]
         y = orig[positions.a_rows, positions.a_pos]
-        results[policy] = _site_residuals(model, deltas, x, y, {"all": torch.ones(len(x), dtype=torch.bool)})["all"]
+        residuals[policy] = _site_residuals(model, deltas, x, y, {"all": torch.ones(len(x), dtype=torch.bool)})["all"]
     pooled = None
     if orig_pooled is not None and edit_pooled is not None:
         reference = orig_pooled[torch.tensor(rows)].double()
         pooled = float(torch.linalg.norm(edit_pooled.double() - reference) / torch.linalg.norm(reference))
-    return (results if extra_policies else results[token_policy]), pooled
+    if not similarities:
+        return PairMeasures(residuals, pooled)
+    index = torch.tensor(rows)
+    anchors, anchor_mask = orig[index], _own_mask(enc_a[0])[index]
+    target_mask = _own_mask(enc_t[0])
+    unedited, _ = _embeddings(model, enc_t)
+    return PairMeasures(
+        residuals,
+        pooled,
+        pooled_similarity(model, edit, deltas, target_mask, anchors, anchor_mask),
+        pooled_similarity(model, edit, deltas, None, anchors, None),
+        pooled_similarity(model, unedited, {}, target_mask, anchors, anchor_mask),
+    )
+
+
+@dataclass(frozen=True)
+class PromptMeasures:
+    """What one pass over prompts that should be unaffected gives: drift per group, similarity per prompt."""
+
+    drift: dict[str, SiteResiduals]
+    similarity: torch.Tensor
+    similarity_window: torch.Tensor
+    templated: torch.Tensor  # per prompt: built from a preserve concept (True) or unrelated (False)
 
 
 @torch.no_grad()
-def drift(
-    model: EditModel, deltas: Mapping[str, LowRankDelta], prompts: Sequence[Prompt], *, by_prefix: bool = False
-) -> SiteResiduals | dict[str, SiteResiduals]:
-    """K/V drift of prompts that should be unaffected, over every position.
-
-    With ``by_prefix``: ``{"all", "concepts", "unrelated"}`` — all prompts, those built from a template
-    (preserve concepts), and the others — from one pass.
-    """
-    enc = _ids(model, [Prompt(p.text, None) for p in prompts])
+def measure_prompts(model: EditModel, deltas: Mapping[str, LowRankDelta], prompts: Sequence[Prompt]) -> PromptMeasures:
+    """K/V drift over every position — all prompts, those built from a template (preserve concepts) and the
+    others (unrelated) — and each prompt's pooled similarity after vs before the edit."""
+    enc = _encode(model, [Prompt(p.text, None) for p in prompts])
     rows, pos = single_positions("all", enc[0])
-    orig, _ = prompt_embeddings(model, [e.ids for e in enc])
-    with EditedEncoders(model, deltas):
-        edit, _ = prompt_embeddings(model, [e.ids for e in enc])
-    templated = torch.tensor([p.prefix is not None for p in prompts])[rows]
-    groups = {"all": torch.ones_like(templated)}
-    if by_prefix:
-        groups.update(concepts=templated, unrelated=~templated)
-    result = _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos], groups)
-    return result if by_prefix else result["all"]
+    orig, _ = _embeddings(model, enc)
+    edit, _ = _embeddings(model, enc, deltas)
+    templated = torch.tensor([p.prefix is not None for p in prompts])
+    per_row = templated[rows]
+    groups = {"all": torch.ones_like(per_row), "concepts": per_row, "unrelated": ~per_row}
+    drift = _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos], groups)
+    mask = _own_mask(enc[0])
+    return PromptMeasures(
+        drift,
+        pooled_similarity(model, edit, deltas, mask, orig, mask),
+        pooled_similarity(model, edit, deltas, None, orig, None),
+        templated,
+    )
 
 
 def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[str, float]:
@@ -176,36 +256,62 @@ def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[st
     return norms
 
 
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.mean()) if values.numel() else None
+
+
+def _min(values: torch.Tensor) -> float | None:
+    return float(values.min()) if values.numel() else None
+
+
 def feature_metrics(
     model: EditModel,
     deltas: Mapping[str, LowRankDelta],
     *,
     pairs: Sequence[PromptPair],
     token_policy: str,
+    surplus: str = DEFAULT_SURPLUS,
     heldout: Sequence[PromptPair] = (),
     preserve: Sequence[Prompt] = (),
 ) -> dict:
-    """Every feature-level metric of one erasure, as JSON-ready data."""
-    train, pooled = pair_residuals(model, deltas, pairs, token_policy)
-    metrics: dict = {**train.summary("residual_train")}
-    if pooled is not None:
-        metrics["pooled_residual_train"] = pooled
+    """Every feature-level metric of one erasure, as JSON-ready data (``None`` where there are no prompts)."""
+    train = measure_pairs(model, deltas, pairs, [token_policy], surplus=surplus, similarities=False)
+    metrics: dict = {
+        "anchor_similarity": None,
+        "anchor_similarity_window": None,
+        "anchor_similarity_no_edit": None,
+        "preserve_similarity": None,
+        "preserve_similarity_min": None,
+        "preserve_similarity_window": None,
+        "preserve_similarity_concepts": None,
+    }
+    metrics.update(train.residuals[token_policy].summary("residual_train"))
+    if train.pooled_residual is not None:
+        metrics["pooled_residual_train"] = train.pooled_residual
     if heldout:
-        held_by_policy, held_pooled = pair_residuals(model, deltas, heldout, token_policy, "all")
-        metrics.update(held_by_policy[token_policy].summary("residual_heldout"))
-        metrics["residual_heldout_all"] = held_by_policy["all"].mean()
-        if held_pooled is not None:
-            metrics["pooled_residual_heldout"] = held_pooled
+        held = measure_pairs(model, deltas, heldout, [token_policy, "all"], surplus=surplus)
+        metrics.update(held.residuals[token_policy].summary("residual_heldout"))
+        metrics["residual_heldout_all"] = held.residuals["all"].mean()
+        if held.pooled_residual is not None:
+            metrics["pooled_residual_heldout"] = held.pooled_residual
+        metrics["anchor_similarity"] = _mean(held.similarity)
+        metrics["anchor_similarity_window"] = _mean(held.similarity_window)
+        metrics["anchor_similarity_no_edit"] = _mean(held.similarity_no_edit)
     else:
         metrics.update({"residual_heldout": None, "residual_heldout_k": None, "residual_heldout_v": None,
                         "residual_heldout_all": None})
     # preserve_drift, and the two kinds of prompts inside it: those built from preserve concepts (the
     # solver saw them under soft/exact preservation) and unrelated ones (it never did)
     if preserve:
-        drifts = drift(model, deltas, preserve, by_prefix=True)
-        metrics.update(drifts["all"].summary("preserve_drift"))
-        metrics["drift_preserve_concepts"] = drifts["concepts"].mean()
-        metrics["drift_unrelated"] = drifts["unrelated"].mean()
+        kept = measure_prompts(model, deltas, preserve)
+        metrics.update(kept.drift["all"].summary("preserve_drift"))
+        metrics["drift_preserve_concepts"] = kept.drift["concepts"].mean()
+        metrics["drift_unrelated"] = kept.drift["unrelated"].mean()
+        unrelated = ~kept.templated
+        metrics["preserve_similarity"] = _mean(kept.similarity[unrelated])
+        metrics["preserve_similarity_min"] = _min(kept.similarity[unrelated])
+        metrics["preserve_similarity_window"] = _mean(kept.similarity_window[unrelated])
+        metrics["preserve_similarity_concepts"] = _mean(kept.similarity[kept.templated])
     else:
         metrics.update({"preserve_drift": None, "preserve_drift_k": None, "preserve_drift_v": None,
                         "drift_preserve_concepts": None, "drift_unrelated": None})
@@ -213,5 +319,5 @@ def feature_metrics(
     metrics["delta_norm_rel"] = norms
     metrics["delta_norm_total"] = float(sum(d.frobenius_norm() ** 2 for d in deltas.values()) ** 0.5)
     metrics["delta_norm_kv"] = float(sum(d.frobenius_norm() ** 2 for k, d in deltas.items() if is_kv_key(k)) ** 0.5)
-    metrics["residual_train_per_site"] = train.per_site
+    metrics["residual_train_per_site"] = train.residuals[token_policy].per_site
     return metrics

@@ -11,6 +11,9 @@ from typing import Any
 #: (metric key in metrics.json, prompt set, human name of the metric). The Hub groups results by
 #: dataset *type*, so each prompt set has its own type.
 CARD_METRICS = (
+    ("anchor_similarity", "held-out", "pooled K/V cosine, edited target vs original anchor (higher is better)"),
+    ("preserve_similarity", "unrelated", "pooled K/V cosine, after vs before (higher is better)"),
+    ("preserve_similarity_min", "unrelated", "least pooled K/V cosine, after vs before (higher is better)"),
     ("residual_train", "training", "K/V residual, target vs anchor (lower is better)"),
     ("pooled_residual_train", "training", "pooled-embedding residual (lower is better)"),
     ("residual_heldout", "held-out", "K/V residual, target vs anchor (lower is better)"),

@@ -113,17 +113,48 @@ class Concept(_Strict):
         return value
 
 
-class Prompts(_Strict):
-    """Prompt templates; ``{}`` is replaced by the target (and, paired, the anchor)."""
+PromptKind = Literal["style", "object", "person", "nudity", "other"]
 
-    templates: list[Template] = Field(min_length=1)
+
+class Prompts(_Strict):
+    """Prompt templates; ``{}`` is replaced by the target (and, paired, the anchor).
+
+    ``kind`` adds the first ``bank_size`` templates of the package's bank for that kind of concept
+    (``erasepro_hub/banks/<kind>.txt``) after the manifest's own ``templates``; give either or both.
+    ``erase`` writes the resolved list into ``templates`` (so the recorded manifest holds every
+    template it used, and resolving it again changes nothing). ``misspellings`` adds soft targets:
+    misspelled forms of each target should land near the anchor too, without counting as constraints.
+    """
+
+    templates: list[Template] = Field(default_factory=list)
+    kind: PromptKind | None = None
+    #: how many bank templates ``kind`` adds; chosen by measurement (docs/defaults.md)
+    bank_size: int = Field(default=3, ge=1, le=40)
+    #: every one-letter deletion of each target word (4+ letters), alone, kept near the bare anchor by a
+    #: soft term of weight ``misspelling_weight`` (ErasePro methods; chosen by measurement, docs/defaults.md)
+    misspellings: bool = True
+    misspelling_weight: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_templates(self) -> "Prompts":
+        if not self.templates and self.kind is None:
+            raise ValueError("give templates (with one '{}' each), or a kind (style, object, person, nudity, other)")
+        return self
+
+
+#: The caption sets shipped with the package (``erasepro_hub/banks/captions.txt`` is ``default-v1``).
+CaptionSet = Literal["default-v1", "none"]
 
 
 class Preserve(_Strict):
-    """Concepts whose features should not move (DESIGN §2.2).
+    """What should not move (DESIGN §2.2).
 
-    ``mode``: ``soft`` (weighted, no capacity cost), ``exact`` (``ΔW P = 0``; uses
-    capacity) or ``none``. ``templates`` defaults to the prompt templates.
+    ``concepts`` (in ``templates``, default: the prompt templates): ``mode`` ``soft`` (weight
+    ``weight``, no capacity cost), ``exact`` (``ΔW P = 0``; uses capacity) or ``none``.
+    ``captions``: a caption set shipped with the package — a few hundred short, varied captions —
+    kept in place by soft preservation (weight ``caption_weight``) on top of the concepts, so that
+    unrelated prompts keep their conditioning without a preserve list; ``none`` turns it off. It
+    applies to the ErasePro methods; the UCE baseline keeps its published form.
     """
 
     concepts: list[str] = Field(default_factory=list)
@@ -131,6 +162,9 @@ class Preserve(_Strict):
     mode: Literal["none", "soft", "exact"] = "soft"
     #: λ_p; 0.1 was chosen by measurement (docs/defaults.md)
     weight: float = Field(default=0.1, ge=0)
+    captions: CaptionSet = "default-v1"
+    #: chosen by measurement (docs/defaults.md)
+    caption_weight: float = Field(default=0.1, gt=0)
 
     @field_validator("concepts")
     @classmethod
@@ -168,8 +202,9 @@ class TextEncoderSettings(_Strict):
     equals the anchor's; ``ignore`` leaves it alone.
     """
 
-    # defaults chosen by measurement (docs/defaults.md): mlp.fc2, every layer, stream
+    # defaults chosen by measurement (docs/defaults.md): mlp.fc2, from the second layer on, stream
     site: Literal["mlp.fc2", "mlp.fc1", "self_attn.out_proj"] = "mlp.fc2"
+    first_layer: int = Field(default=1, ge=0)
     depth: int | None = Field(default=None, ge=0)
     target_mode: Literal["site", "stream"] = "stream"
     pooled: Literal["match", "ignore"] = "match"
@@ -187,7 +222,10 @@ class TextEncoderSettings(_Strict):
 class SolverSettings(_Strict):
     """Numerics shared by every stage. See :mod:`erasepro_hub.solver` for the definitions."""
 
-    token_policy: Literal["concept-suffix", "last-token", "eos", "all"] = "concept-suffix"
+    #: which paired tokens are constrained, and what a target's surplus concept tokens pair with
+    #: (erasepro_hub.models.prompts; defaults by measurement, docs/defaults.md)
+    token_policy: Literal["concept-eos", "concept-suffix", "all", "eos", "last-token"] = "concept-eos"
+    surplus: Literal["anchor-eos", "anchor-first", "before-concept", "window-end", "none"] = "anchor-eos"
     rank_rtol: float = Field(default=1e-6, gt=0, lt=1)
     ridge: float = Field(default=0.0, ge=0)
     residual_tol: float = Field(default=1e-6, gt=0)

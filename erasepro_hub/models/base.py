@@ -49,6 +49,7 @@ class TextArch:
     layers_path: str
     sites: dict[str, str]
     stream: dict[str, StreamPoint]
+    causal: bool = True  # a token sees only the tokens before it (CLIP); BERT is bidirectional
 
     def key(self, component: str, layer: int, site: str) -> str:
         return f"{component}.{self.layers_path}.{layer}.{self.sites[site]}"
@@ -71,6 +72,7 @@ BERT = TextArch(
         "mlp.fc2": StreamPoint(("output.LayerNorm", "input"), ("output", 1)),
         "self_attn.out_proj": StreamPoint(("attention.output.LayerNorm", "input"), ("attention.output", 1)),
     },
+    causal=False,
 )
 
 

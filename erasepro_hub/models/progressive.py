@@ -51,7 +51,8 @@ from ..solver import (
     solve,
 )
 from .base import EditModel, TextEncoder, get_module
-from .prompts import Encoded, PairPositions, Prompt, PromptPair, encode, eos_pair_positions, pair_positions, single_positions
+from .preservation import caption_summaries
+from .prompts import DEFAULT_SURPLUS, Encoded, PairPositions, Prompt, PromptPair, encode, pair_positions, single_positions
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,20 @@ class ErasurePlan:
 
     method: str
     pairs: tuple[PromptPair, ...]
+    soft_pairs: tuple[PromptPair, ...] = ()  # misspelled targets, kept near their anchors (weight soft_weight)
+    soft_weight: float = 1.0
     preserve: tuple[Prompt, ...] = ()
-    token_policy: str = "concept-suffix"
+    captions: tuple[Prompt, ...] = ()  # the default preserve set (soft, weight caption_weight)
+    caption_weight: float = 0.1
+    token_policy: str = "concept-eos"
+    surplus: str = DEFAULT_SURPLUS
     te_site: str = "mlp.fc2"
+    te_first_layer: int = 1
     te_depth: int | None = None
-    te_target_mode: str = "site"
+    te_target_mode: str = "stream"
     pooled: str = "match"
     preserve_mode: str = "soft"
-    preserve_weight: float = 1.0
+    preserve_weight: float = 0.1
     rank_rtol: float = DEFAULT_RTOL
     ridge: float = 0.0
     residual_tol: float = DEFAULT_RESIDUAL_TOL
@@ -127,13 +134,19 @@ class _Stage:
 
 @dataclass
 class _Tokens:
-    """Tokenised prompt sets and their constrained positions (identical for every encoder)."""
+    """Tokenised prompt sets and their constrained positions (identical for every encoder).
+
+    ``targets`` holds the exact pairs' target prompts, then the soft pairs'; ``soft`` / ``soft_eos`` mark
+    the entries of ``positions`` / ``eos_positions`` that belong to soft pairs.
+    """
 
     targets: list[Encoded]
     anchors: list[Encoded]
     preserve: list[Encoded]
     positions: PairPositions
     eos_positions: PairPositions
+    soft: torch.Tensor
+    soft_eos: torch.Tensor
     preserve_positions: tuple[torch.Tensor, torch.Tensor]
     preserve_eos: tuple[torch.Tensor, torch.Tensor]
 
@@ -180,17 +193,19 @@ def prompt_embeddings(model: EditModel, ids: Sequence[torch.Tensor]) -> tuple[to
 
 # ----------------------------------------------------------------------------- planning
 def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
+    pairs = plan.pairs + plan.soft_pairs
     anchor_keys: dict[tuple[str, str | None], int] = {}
-    anchor_rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in plan.pairs]
+    anchor_rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
     anchors = [Prompt(text, prefix) for text, prefix in anchor_keys]
-    targets = [Prompt(p.target, p.prefix) for p in plan.pairs]
+    targets = [Prompt(p.target, p.prefix) for p in pairs]
     enc_t, enc_a, enc_p, positions, eos_positions, pres, pres_eos = [], [], [], [], [], [], []
     for te in model.text_encoders:
         t, a = encode(te.tokenizer, targets), encode(te.tokenizer, anchors)
         enc_t.append(t)
         enc_a.append(a)
-        positions.append(pair_positions(plan.token_policy, plan.pairs, t, a, anchor_rows))
-        eos_positions.append(eos_pair_positions(t, a, anchor_rows))
+        causal = te.arch.causal
+        positions.append(pair_positions(plan.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.surplus))
+        eos_positions.append(pair_positions("eos", pairs, t, a, anchor_rows, causal=causal))
         if plan.preserve:
             p = encode(te.tokenizer, plan.preserve)
             enc_p.append(p)
@@ -203,12 +218,15 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
                 "use plain words around the concept"
             )
     empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    n_exact = len(plan.pairs)
     tokens = _Tokens(
         enc_t,
         enc_a,
         enc_p,
         positions[0],
         eos_positions[-1],
+        positions[0].t_rows >= n_exact,
+        eos_positions[-1].t_rows >= n_exact,
         pres[0] if pres else empty,
         pres_eos[-1] if pres_eos else empty,
     )
@@ -222,13 +240,15 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
         return stages
     for te in model.text_encoders:
         usable = te.embed_layers
-        depth = usable if plan.te_depth is None else plan.te_depth
-        if depth > usable:
+        first = min(plan.te_first_layer, usable - 1)
+        depth = usable - first if plan.te_depth is None else plan.te_depth
+        if first + depth > usable:
             raise ManifestError(
-                f"text_encoder.depth: {depth} exceeds the {usable} layers of {te.component} that feed the "
-                f"prompt embedding in {model.source}; use at most {usable} (or null for all)"
+                f"text_encoder.depth: {depth} layers from layer {first} exceed the {usable} layers of "
+                f"{te.component} that feed the prompt embedding in {model.source}; use at most {usable - first} "
+                "(or null for all)"
             )
-        for layer in range(depth):
+        for layer in range(first, first + depth):
             stages[te.component].append(
                 _Stage(te.site_key(layer, plan.te_site), layer, plan.te_site, plan.te_target_mode, eos=False)
             )
@@ -257,8 +277,18 @@ class _Recorder:
             self.progress(name)
 
 
-def _factorize(plan: ErasurePlan, X: torch.Tensor, P: torch.Tensor | None, *, uce: bool = False):
-    """The shared factorisation of one stage: ``X`` (``d × N``) targets, ``P`` (``d × M``) preserve inputs."""
+def _factorize(
+    plan: ErasurePlan,
+    X: torch.Tensor,
+    P: torch.Tensor | None,
+    *,
+    soft: torch.Tensor | None = None,
+    soft_targets: torch.Tensor | None = None,
+    uce: bool = False,
+):
+    """The shared factorisation of one stage: ``X`` (``d × N``) targets, ``P`` (``d × M``) preserve inputs,
+    ``soft`` (``d × r``) the caption summary of the stage (weighted by ``plan.caption_weight``), ``soft_targets``
+    (``d × N_v``) the soft pairs' inputs (weighted by ``plan.soft_weight``)."""
     if uce:
         return factorize_uce(
             X,
@@ -273,13 +303,36 @@ def _factorize(plan: ErasurePlan, X: torch.Tensor, P: torch.Tensor | None, *, uc
         preserve=P,
         preserve_mode=plan.preserve_mode,
         preserve_weight=plan.preserve_weight,
+        soft=None if soft is None else soft.double() * plan.caption_weight**0.5,
+        soft_targets=soft_targets,
+        soft_target_weight=plan.soft_weight,
         rtol=plan.rank_rtol,
         ridge=plan.ridge,
     )
 
 
+def _caption_summaries(model: EditModel, plan: ErasurePlan, stages: dict[str, list[_Stage]]) -> dict[str, torch.Tensor]:
+    """The default preserve set, summarised at every stage (cached on disk; see :mod:`.preservation`)."""
+    if not plan.captions:
+        return {}
+    sites = {
+        stage.name: (te, te.site_module(stage.layer, stage.site), stage.eos)
+        for te in model.text_encoders
+        for stage in stages[te.component]
+    }
+    embed = lambda ids: prompt_embeddings(model, ids)[0]  # noqa: E731
+    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.token_policy, embed=embed)
+
+
 def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return t[rows.to(t.device), pos.to(t.device)]
+
+
+def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (one per constrained token) → the exact pairs' columns and the soft pairs' (``None`` without)."""
+    soft = soft.to(rows.device)
+    exact = rows[~soft].T
+    return exact, (rows[soft].T if bool(soft.any()) else None)
 
 
 def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:
@@ -327,12 +380,14 @@ def _target_pass(
     tokens: _Tokens,
     plan: ErasurePlan,
     recorder: _Recorder,
+    summaries: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Targets + preserve prompts through the encoder, solving each stage as the forward pass reaches it."""
     registrations = []
     stash: dict[str, torch.Tensor] = {}
     for stage in stages:
         pos = tokens.eos_positions if stage.eos else tokens.positions
+        soft = tokens.soft_eos if stage.eos else tokens.soft
         p_rows, p_pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
         layer = te.layers[stage.layer]
         module = te.site_module(stage.layer, stage.site)
@@ -345,26 +400,28 @@ def _target_pass(
             point = get_module(layer, where)
             registrations.append(lambda m=point, h=stash_hook: m.register_forward_pre_hook(h))
 
-        def solve_hook(mod, args, output, stage=stage, pos=pos, p_rows=p_rows, p_pos=p_pos):
+        def solve_hook(mod, args, output, stage=stage, pos=pos, soft=soft, p_rows=p_rows, p_pos=p_pos):
             x = args[0]
-            X = _gather(x, pos.t_rows, pos.t_pos).double().T
+            columns = _gather(x, pos.t_rows, pos.t_pos).double()
             P = _gather(x, p_rows + n_targets, p_pos).double().T if p_rows.numel() else None
             # the forward pass already computed W x + b for every row: reuse it for W X and W P
             bias = _bias(mod)
             plain = output - bias if bias is not None else output
-            WX = _gather(plain, pos.t_rows, pos.t_pos).double().T
+            W_columns = _gather(plain, pos.t_rows, pos.t_pos).double()
             WP = _gather(plain, p_rows + n_targets, p_pos).double().T if P is not None else None
             if stage.mode == "site":
-                T = anchor_caps[stage.name].double().T
+                T = anchor_caps[stage.name].double()
             else:
                 base = _gather(stash.pop(stage.name), pos.t_rows, pos.t_pos)
                 T = anchor_caps[stage.name].double() - base.double()
                 if bias is not None:
                     T = T - bias.double()
-                T = T.T
-            fact = _factorize(plan, X, P)
+            X, V = _split(columns, soft)
+            fact = _factorize(plan, X, P, soft=summaries.get(stage.name), soft_targets=V)
+            (WX, WV), (T, T_soft) = _split(W_columns, soft), _split(T, soft)
             result = solve(
-                fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=WP
+                fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=WP,
+                T_soft=T_soft, WV=WV,
             )
             recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
             recorder.stage_done(stage.name)
@@ -386,9 +443,12 @@ def solve_erasure(
     tokens, _ = _tokenize(model, plan)
     stages = text_encoder_stages(model, plan)
     recorder = _Recorder(progress)
-    n_targets = len(plan.pairs)
+    n_targets = len(plan.pairs) + len(plan.soft_pairs)
     x_parts, y_parts, p_parts = [], [], []
     timings: dict[str, float] = {"tokenize": time.perf_counter() - start}
+    t0 = time.perf_counter()
+    summaries = _caption_summaries(model, plan, stages)
+    timings["captions"] = time.perf_counter() - t0
     for index, te in enumerate(model.text_encoders):
         te_stages = stages[te.component]
         t0 = time.perf_counter()
@@ -398,7 +458,7 @@ def solve_erasure(
         if plan.preserve:
             ids = torch.cat([ids, tokens.preserve[index].ids])
         t0 = time.perf_counter()
-        embeds = _target_pass(te, te_stages, ids, n_targets, anchor_caps, tokens, plan, recorder)
+        embeds = _target_pass(te, te_stages, ids, n_targets, anchor_caps, tokens, plan, recorder, summaries)
         timings[f"{te.component}.target_pass"] = time.perf_counter() - t0
         pos = tokens.positions
         x_parts.append(_gather(embeds, pos.t_rows, pos.t_pos))
@@ -411,13 +471,20 @@ def solve_erasure(
     # rows of the prompt embedding at the constrained positions (pipeline dtype); the solver works on columns
     Xm, Ym = torch.cat(x_parts, dim=-1), torch.cat(y_parts, dim=-1)
     Pm = torch.cat(p_parts, dim=-1) if p_parts else None
-    fact = _factorize(plan, Xm.double().T, Pm.double().T if Pm is not None else None, uce=plan.method == "uce")
+    X, V = _split(Xm.double(), tokens.soft)
+    fact = _factorize(
+        plan, X, Pm.double().T if Pm is not None else None, soft=summaries.get(FINAL_STAGE), soft_targets=V,
+        uce=plan.method == "uce",
+    )
     # T = W Y, W X and W P at the precision the pipeline computes them (its dtype), then float64
     for key, weight in model.kv_weights.items():
-        T = (Ym @ weight.T).double().T
-        WX = (Xm @ weight.T).double().T
+        T, T_soft = _split((Ym @ weight.T).double(), tokens.soft)
+        WX, WV = _split((Xm @ weight.T).double(), tokens.soft)
         WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
-        result = solve(fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key, WX=WX, WP=WP)
+        result = solve(
+            fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key, WX=WX, WP=WP,
+            T_soft=T_soft, WV=WV,
+        )
         recorder.add(key, FINAL_STAGE, result)
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0
@@ -426,7 +493,7 @@ def solve_erasure(
         sites=recorder.sites,
         stages=stage_names,
         n_pairs=n_targets,
-        n_constrained_tokens=len(tokens.positions),
+        n_constrained_tokens=int((~tokens.soft).sum()),
         seconds=time.perf_counter() - start,
         timings=timings,
     )

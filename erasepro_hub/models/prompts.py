@@ -1,18 +1,35 @@
-"""Prompt sets built from templates, and the token positions each policy constrains (DESIGN §2.5).
+"""Prompt sets built from templates, and which token of a target prompt pairs with which of its anchor (DESIGN §2.5).
 
-Target and anchor prompts come from the same template, so their tokens agree up
-to the concept start ``k`` (the token length of the template text before ``{}``).
-CLIP is causal: positions before ``k`` do not see the concept; from ``k`` on, every
-position carries it. Policies (by name, recorded in the manifest):
+Target and anchor usually tokenise to different lengths ("Vincent van Gogh" is three
+tokens, "art" one, "" none), so positions are paired **by structure**, in one place —
+:func:`align` — for the solver, the pooled stage and every metric:
 
-* ``concept-suffix`` (default): positions ``k .. L−1`` of the padded sequence,
-  target ``k + j`` paired with anchor ``k + j`` (same ``k``, same padded length ``L``);
-* ``eos``: the first end-of-text token of each (positions may differ);
-* ``last-token``: the token just before it (UCE's newer script);
-* ``all``: every position ``0 .. L−1``, paired by index (bidirectional encoders).
+* the shared prefix (the template text before the concept, BOS included): position ``i ↔ i``;
+* the concept spans right-aligned: the target's last concept token with the anchor's last,
+  and so on backwards;
+* everything after the concept — the template's remaining words, the end-of-text token (EOS),
+  the padding — from the concept end: target ``e_t + j ↔`` anchor ``e_a + j``, cut where either
+  side reaches the window end;
+* the target's *surplus* leading concept tokens (when its concept is longer than the anchor's)
+  pair with the anchor's EOS — chosen by measurement (docs/defaults.md): the end-of-text token
+  is the one every prompt has, it summarises the prompt in a causal encoder, and the padding of
+  a causal encoder repeats it. An empty anchor (``""``) is the case where every concept token
+  is surplus.
 
-A prompt without a known template prefix (an explicit held-out pair) uses the
-first position where the target and anchor token ids differ as ``k``.
+A template fixes the prefix; an explicit pair (a held-out prompt written out in full) finds it
+as the longest common prefix of the two token sequences, and the concept end as the longest
+common suffix. Both give the same offset ``len(target) − len(anchor)`` for everything after the
+concept.
+
+Token policies (by name, recorded in the manifest) choose which of those pairs are constrained:
+
+* ``concept-eos`` (default): the concept, the words after it and EOS — and the prefix, where the
+  encoder is bidirectional (in a causal encoder the prefix cannot see the concept). Padding is
+  paired but not constrained (measured: constraining it costs unrelated prompts their
+  conditioning, docs/defaults.md);
+* ``concept-suffix``: ``concept-eos`` and the padding up to the window end;
+* ``all``: every pair, the prefix included whatever the encoder;
+* ``eos``: the end-of-text token only; ``last-token``: the token before it (UCE's newer script).
 """
 
 from __future__ import annotations
@@ -24,7 +41,21 @@ import torch
 
 from ..errors import PromptError
 
-POLICIES = ("concept-suffix", "last-token", "eos", "all")
+POLICIES = ("concept-eos", "concept-suffix", "all", "eos", "last-token")
+
+#: The parts of an alignment (see :class:`Alignment`).
+PREFIX, CONCEPT, SURPLUS, SUFFIX, EOS, PADDING = "prefix", "concept", "surplus", "suffix", "eos", "padding"
+#: What a surplus target concept token pairs with: the anchor's end-of-text token (default, by
+#: measurement), the anchor's first concept token, the token before the concept, the anchor positions
+#: that fall off the window end (the target then holds the anchor's tokens, permuted), or nothing.
+SURPLUS_RULES = ("anchor-eos", "anchor-first", "before-concept", "window-end", "none")
+DEFAULT_SURPLUS = "anchor-eos"
+_POLICY_PARTS = {
+    "concept-eos": (CONCEPT, SURPLUS, SUFFIX, EOS),
+    "concept-suffix": (CONCEPT, SURPLUS, SUFFIX, EOS, PADDING),
+    "all": (PREFIX, CONCEPT, SURPLUS, SUFFIX, EOS, PADDING),
+    "eos": (EOS,),
+}
 
 
 @dataclass(frozen=True)
@@ -37,7 +68,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class PromptPair:
-    """A target prompt and its anchor counterpart, built from the same template."""
+    """A target prompt and its anchor counterpart (from one template, or written out in full)."""
 
     target: str
     anchor: str
@@ -61,6 +92,25 @@ def make_pairs(concepts: Sequence[tuple[str, str]], templates: Sequence[str]) ->
     return pairs
 
 
+def misspellings(concept: str, *, min_letters: int = 4) -> list[str]:
+    """Every one-letter deletion of each word of ``concept`` with at least ``min_letters`` letters.
+
+    The first letter of a word is kept (a misspelling rarely drops it); variants are deduplicated, in order.
+    ``"Van Gogh"`` → ``["Van Ggh", "Van Goh", "Van Gog"]``.
+    """
+    words = concept.split(" ")
+    found: list[str] = []
+    for index, word in enumerate(words):
+        if sum(c.isalpha() for c in word) < min_letters:
+            continue
+        for i in range(1, len(word)):
+            if word[i].isalpha():
+                variant = " ".join(words[:index] + [word[:i] + word[i + 1 :]] + words[index + 1 :])
+                if variant != concept:
+                    found.append(variant)
+    return list(dict.fromkeys(found))
+
+
 def make_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[Prompt]:
     return [fill(template, concept) for concept in concepts for template in templates]
 
@@ -68,15 +118,26 @@ def make_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[Prom
 # ----------------------------------------------------------------------------- tokens
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids padded to the tokenizer's length, with per-prompt concept start and EOS index."""
+    """Prompts tokenised as the pipelines do (padded and truncated to the window), with their structure.
+
+    ``tokens``: each prompt's untruncated token ids, BOS to EOS; ``eos``: where its first end-of-text
+    token sits in ``ids``; ``starts``: the prefix length (BOS + template text before the concept),
+    ``None`` for a prompt without a known template.
+    """
 
     ids: torch.Tensor
-    starts: tuple[int | None, ...]
+    tokens: tuple[tuple[int, ...], ...]
     eos: tuple[int, ...]
+    starts: tuple[int | None, ...]
 
     @property
     def length(self) -> int:
         return self.ids.shape[1]
+
+
+def _eos_id(tokenizer) -> int:
+    # the end-of-text token: CLIP's <|endoftext|>, BERT's [SEP]
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
 def encode(tokenizer, prompts: Sequence[Prompt]) -> Encoded:
@@ -84,27 +145,124 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> Encoded:
     length = int(tokenizer.model_max_length)
     texts = [p.text for p in prompts]
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    # the end-of-text token: CLIP's <|endoftext|>, BERT's [SEP]
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    full = tokenizer(texts, truncation=False).input_ids if texts else []
+    eos_id = _eos_id(tokenizer)
     eos = []
     for row, text in zip(ids, texts):
         hits = (row == eos_id).nonzero()
-        if hits.numel() == 0:  # pragma: no cover - CLIP tokenizers always end with EOS
+        if hits.numel() == 0:  # pragma: no cover - CLIP and BERT tokenizers always end with EOS
             raise PromptError(f"prompt {text!r} has no end-of-text token after tokenisation")
         eos.append(int(hits[0]))
     starts: list[int | None] = []
-    for prompt, e in zip(prompts, eos):
+    for prompt, tokens in zip(prompts, full):
         if prompt.prefix is None:
             starts.append(None)
             continue
-        k = len(tokenizer(prompt.prefix, truncation=True, max_length=length).input_ids) - 1
-        if k >= e and prompt.text.strip() != prompt.prefix.strip():
+        k = len(tokenizer(prompt.prefix, truncation=False).input_ids) - 1
+        if k >= length - 1 and prompt.text.strip() != prompt.prefix.strip():
             raise PromptError(
                 f"prompt {prompt.text!r} is longer than the tokenizer's {length} tokens and its concept was cut "
                 "off; shorten the template"
             )
-        starts.append(min(k, e))
-    return Encoded(ids, tuple(starts), tuple(eos))
+        starts.append(min(k, len(tokens) - 1))
+    return Encoded(ids, tuple(tuple(t) for t in full), tuple(eos), tuple(starts))
+
+
+# ----------------------------------------------------------------------------- the alignment
+@dataclass(frozen=True)
+class Alignment:
+    """How one target token sequence pairs with its anchor, by structure.
+
+    Positions are in the untruncated sequences (BOS at 0, EOS at ``len − 1``); :meth:`pairs` cuts
+    them at the ``window``. The target's concept is ``[prefix, target_end)``, the anchor's
+    ``[prefix, anchor_end)``; everything from ``target_end`` on pairs with ``anchor_end`` on, i.e.
+    target position ``q`` with anchor position ``q − offset``.
+    """
+
+    prefix: int
+    target_end: int
+    anchor_end: int
+    target_len: int
+    anchor_len: int
+    window: int
+
+    @property
+    def offset(self) -> int:
+        """``len(target) − len(anchor)``: the shift of everything after the concept."""
+        return self.target_len - self.anchor_len
+
+    @property
+    def anchor_eos(self) -> int:
+        return min(self.anchor_len, self.window) - 1
+
+    def surplus_partner(self, q: int, rule: str = DEFAULT_SURPLUS) -> int | None:
+        """The anchor position a surplus target concept token ``q`` pairs with under ``rule`` (see :data:`SURPLUS_RULES`)."""
+        if rule == "anchor-eos":
+            return self.anchor_eos
+        if rule == "anchor-first":
+            return self.prefix
+        if rule == "before-concept":
+            return self.prefix - 1
+        if rule == "window-end":
+            return self.window - self.offset + (q - self.prefix)
+        return None
+
+    def pairs(self, parts: Sequence[str], surplus: str = DEFAULT_SURPLUS) -> list[tuple[int, int]]:
+        """``(target position, anchor position)`` of the chosen parts, inside the window, in target order."""
+        d, w = self.offset, self.window
+        found: list[tuple[int, int]] = []
+        if PREFIX in parts:
+            found += [(i, i) for i in range(self.prefix)]
+        if SURPLUS in parts:
+            for q in range(self.prefix, self.prefix + max(d, 0)):
+                partner = self.surplus_partner(q, surplus)
+                if partner is not None:
+                    found.append((q, partner))
+        for q in range(self.prefix + max(d, 0), w):
+            if q < self.target_end:
+                part = CONCEPT
+            elif q < self.target_len - 1:
+                part = SUFFIX
+            elif q == self.target_len - 1:
+                part = EOS
+            else:
+                part = PADDING
+            if part in parts:
+                found.append((q, q - d))
+        return sorted((t, a) for t, a in found if t < w and a < w)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def align(target: Sequence[int], anchor: Sequence[int], *, window: int, prefix: int | None = None) -> Alignment:
+    """Pair a target token sequence with its anchor (both untruncated, BOS to EOS).
+
+    ``prefix`` is the number of shared tokens before the concept (BOS included) when a template
+    says so; otherwise the longest common prefix. The concept ends where the longest common suffix
+    begins (at most up to the prefix), so both spans lie between the shared prefix and suffix.
+    """
+    if prefix is None:
+        prefix = _common_prefix(target, anchor)
+    prefix = min(prefix, len(target) - 1, len(anchor) - 1)  # EOS is never part of the prefix
+    suffix = min(_common_prefix(target[::-1], anchor[::-1]), len(target) - prefix, len(anchor) - prefix)
+    return Alignment(prefix, len(target) - suffix, len(anchor) - suffix, len(target), len(anchor), window)
+
+
+def policy_parts(policy: str, *, causal: bool) -> tuple[str, ...]:
+    """The alignment parts a token policy constrains (the prefix only where the encoder is bidirectional)."""
+    if policy not in POLICIES:
+        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    parts = _POLICY_PARTS.get(policy, ())
+    if policy in ("concept-eos", "concept-suffix") and not causal:
+        parts = (PREFIX, *parts)
+    return parts
 
 
 @dataclass(frozen=True)
@@ -125,68 +283,65 @@ class PairPositions:
         )
 
 
-def _concept_start(target: Encoded, anchor: Encoded, i: int, j: int, pair: PromptPair) -> int:
+def _pair_alignment(target: Encoded, anchor: Encoded, i: int, j: int, pair: PromptPair) -> Alignment:
+    t, a = target.tokens[i], anchor.tokens[j]
     k = target.starts[i]
     if k is not None:
-        if anchor.starts[j] != k or not torch.equal(target.ids[i, :k], anchor.ids[j, :k]):
+        if anchor.starts[j] != k or t[:k] != a[:k]:
             raise PromptError(
                 f"target {pair.target!r} and anchor {pair.anchor!r} tokenise differently before the concept; "
                 "put a space between the concept and the template text"
             )
-        return k
-    differ = (target.ids[i] != anchor.ids[j]).nonzero()
-    if differ.numel() == 0:
+    elif t == a:
         raise PromptError(f"held-out pair {pair.target!r} → {pair.anchor!r}: target and anchor are the same tokens")
-    return int(differ[0])
+    return align(t, a, window=target.length, prefix=k)
 
 
-def pair_positions(policy: str, pairs: Sequence[PromptPair], target: Encoded, anchor: Encoded, anchor_rows: Sequence[int]) -> PairPositions:
-    """The constrained positions of every pair under ``policy``."""
-    if policy not in POLICIES:
-        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
+def pair_positions(
+    policy: str,
+    pairs: Sequence[PromptPair],
+    target: Encoded,
+    anchor: Encoded,
+    anchor_rows: Sequence[int],
+    *,
+    causal: bool = True,
+    surplus: str = DEFAULT_SURPLUS,
+) -> PairPositions:
+    """The constrained positions of every pair under ``policy`` — the one place positions are decided."""
+    parts = policy_parts(policy, causal=causal)
+    if surplus not in SURPLUS_RULES:
+        raise PromptError(f"unknown surplus rule {surplus!r}; choose one of {', '.join(SURPLUS_RULES)}")
     t_rows, t_pos, a_rows, a_pos = [], [], [], []
-    length = target.length
     for i, (pair, j) in enumerate(zip(pairs, anchor_rows)):
-        if policy == "concept-suffix":
-            k = _concept_start(target, anchor, i, j, pair)
-            tp = ap = list(range(k, length))
-        elif policy == "all":
-            tp = ap = list(range(length))
-        elif policy == "eos":
-            tp, ap = [target.eos[i]], [anchor.eos[j]]
-        else:  # last-token
-            tp, ap = [max(target.eos[i] - 1, 0)], [max(anchor.eos[j] - 1, 0)]
-        t_rows += [i] * len(tp)
-        a_rows += [j] * len(ap)
-        t_pos += tp
-        a_pos += ap
+        if policy == "last-token":
+            found = [(max(target.eos[i] - 1, 0), max(anchor.eos[j] - 1, 0))]
+        else:
+            found = _pair_alignment(target, anchor, i, j, pair).pairs(parts, surplus)
+        t_rows += [i] * len(found)
+        a_rows += [j] * len(found)
+        t_pos += [q for q, _ in found]
+        a_pos += [p for _, p in found]
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return PairPositions(as_long(t_rows), as_long(t_pos), as_long(a_rows), as_long(a_pos))
 
 
 def single_positions(policy: str, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of unpaired prompts (preserve sets); prompts without a prefix use every position."""
+    """Positions of unpaired prompts (preserve sets, captions): what soft preservation keeps in place.
+
+    Every position of the window — the UNet attends to all of them, padding included (measured:
+    keeping only the prompts' own tokens lets unrelated prompts' padding drift, docs/defaults.md) —
+    except under ``eos`` and ``last-token``, which keep the one token they constrain.
+    """
+    if policy not in POLICIES:
+        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
     rows, pos = [], []
-    for i, (k, e) in enumerate(zip(encoded.starts, encoded.eos)):
-        if policy == "all" or k is None:
-            p = list(range(encoded.length))
-        elif policy == "concept-suffix":
-            p = list(range(k, encoded.length))
-        elif policy == "eos":
+    for i, e in enumerate(encoded.eos):
+        if policy == "eos":
             p = [e]
-        else:
+        elif policy == "last-token":
             p = [max(e - 1, 0)]
+        else:
+            p = list(range(encoded.length))
         rows += [i] * len(p)
         pos += p
     return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
-
-
-def eos_pair_positions(target: Encoded, anchor: Encoded, anchor_rows: Sequence[int]) -> PairPositions:
-    """First end-of-text token of each target ↔ of its anchor (where CLIP's pooled output is read)."""
-    n = len(anchor_rows)
-    return PairPositions(
-        torch.arange(n),
-        torch.tensor(target.eos[:n], dtype=torch.long),
-        torch.tensor(list(anchor_rows), dtype=torch.long),
-        torch.tensor([anchor.eos[j] for j in anchor_rows], dtype=torch.long),
-    )

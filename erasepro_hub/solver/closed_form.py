@@ -48,8 +48,8 @@ exceeds ``residual_tol``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -66,14 +66,31 @@ PreserveMode = Literal["none", "soft", "exact"]
 
 
 @dataclass(frozen=True)
+class SoftTargets:
+    """Columns that should *nearly* reach their targets: the ``λ_v ||ΔW V − R_v||²`` term of the objective.
+
+    Attributes:
+        V: ``(d, N_v)`` their inputs.
+        A: ``(N_v, d)`` ``λ_v (M⁻¹ V)ᵀ``, so that their part of the update is ``R_v A`` (``R_v = T_v − W V``).
+        AX: ``A X`` (``N_v × N``), what that part does to the exact columns (the exact part corrects it).
+        AP: ``A P``, or ``None``.
+    """
+
+    V: Tensor
+    A: Tensor
+    AX: Tensor
+    AP: Tensor | None
+
+
+@dataclass(frozen=True)
 class Factorization:
     """The input-only half of a solve, shared by every site reading the same inputs.
 
     Attributes:
         kind: ``"zero-residual"`` or ``"uce"``.
         X: ``(d, N)`` float64 target input features (one column per constrained token).
-        A: ``(r, d)`` float64 down factor shared by every site.
-        right: ``(N_total, r)`` float64 map from the residual columns to ``B``.
+        A: ``(r, d)`` float64 down factor of the exact part, shared by every site.
+        right: ``(N_total, r)`` float64 map from the residual columns to that part's ``B``.
         P: ``(d, M)`` float64 preserve features, or ``None``.
         AX, AP: ``A X`` and ``A P``, computed once for every site's report.
         n_targets: ``N``.
@@ -83,6 +100,7 @@ class Factorization:
         rtol: the relative cut-off used.
         exact: whether the method aims at zero residual (``False`` for UCE and for a ridge).
         preserve_mode: ``none``, ``soft`` or ``exact``.
+        soft_targets: the soft-target part (:class:`SoftTargets`), or ``None``.
     """
 
     kind: str
@@ -90,17 +108,8 @@ class Factorization:
     A: Tensor
     right: Tensor
     P: Tensor | None
-    AX: Tensor  # A @ X, for the residual of every site
-    AP: Tensor | None  # A @ P, for the preserve residual of every site
-
-    @property
-    def AAt(self) -> Tensor:
-        """``A Aᵀ`` (``r × r``), computed once for the update norm of every site."""
-        cached = self.__dict__.get("_AAt")
-        if cached is None:
-            cached = self.A @ self.A.T
-            object.__setattr__(self, "_AAt", cached)
-        return cached
+    AX: Tensor
+    AP: Tensor | None
     n_targets: int
     n_constraints: int
     rank: int
@@ -108,6 +117,7 @@ class Factorization:
     rtol: float
     exact: bool
     preserve_mode: str
+    soft_targets: SoftTargets | None = None
 
     @property
     def input_dim(self) -> int:
@@ -119,6 +129,24 @@ class Factorization:
         if self.rank == 0:
             return float("inf")
         return float(self.singular_values[0] / self.singular_values[self.rank - 1])
+
+    def _cached(self, name: str, compute) -> Tensor:
+        value = self.__dict__.get(name)
+        if value is None:
+            value = compute()
+            object.__setattr__(self, name, value)
+        return value
+
+    @property
+    def down(self) -> Tensor:
+        """The update's down factor: ``[A_soft; A]`` (soft-target rows first), or ``A``."""
+        soft = self.soft_targets
+        return self.A if soft is None else self._cached("_down", lambda: torch.cat([soft.A, self.A]).contiguous())
+
+    @property
+    def gram(self) -> Tensor:
+        """``down downᵀ``, computed once for the update norm of every site."""
+        return self._cached("_gram", lambda: self.down @ self.down.T)
 
 
 @dataclass(frozen=True)
@@ -194,16 +222,30 @@ def factorize_zero_residual(
     preserve: Tensor | None = None,
     preserve_mode: PreserveMode = "none",
     preserve_weight: float = 0.0,
+    soft: Tensor | None = None,
+    soft_targets: Tensor | None = None,
+    soft_target_weight: float = 1.0,
     rtol: float = DEFAULT_RTOL,
     ridge: float = 0.0,
 ) -> Factorization:
     """Factorise the ErasePro problem for target inputs ``X`` (``d × N``).
+
+    With soft targets ``V`` (weight ``λ_v``) the problem is
+    ``min ||ΔW||²_M + λ_v ||ΔW V − R_v||²  s.t.  ΔW X = R`` with ``M`` the preservation metric: the
+    unconstrained minimiser ``ΔW_v = λ_v R_v Vᵀ M'⁻¹`` (``M' = M + λ_v V Vᵀ``) plus the minimum-``M'``-norm
+    correction that makes the exact columns hold — still exact on ``X``, still a low-rank update.
 
     Args:
         X: target input features, one column per constrained token.
         preserve: ``(d, M)`` inputs whose outputs should not change (``None`` for none).
         preserve_mode: ``"none"``, ``"soft"`` (weight ``preserve_weight``) or ``"exact"``.
         preserve_weight: ``λ_p`` of the soft mode (``0`` recovers the plain solve).
+        soft: an optional ``(d, k)`` factor ``S`` of further soft preservation, its weight already
+            folded in: the metric becomes ``M = I + S Sᵀ (+ λ_p P Pᵀ in soft mode)``, whatever
+            ``preserve_mode`` does with ``preserve`` (a summary of a caption set, for instance).
+        soft_targets: ``(d, N_v)`` inputs that should nearly reach their targets (their targets come with
+            each site's :func:`solve`), or ``None``.
+        soft_target_weight: ``λ_v > 0``.
         rtol: relative singular-value cut-off for the numerical rank.
         ridge: optional ``ε ≥ 0``; uses ``σ / (σ² + ε)`` instead of ``1/σ`` (then not exact).
     """
@@ -214,21 +256,33 @@ def factorize_zero_residual(
     if rtol <= 0 or ridge < 0 or preserve_weight < 0:
         raise ValueError("rtol must be > 0; ridge and preserve_weight must be >= 0")
     P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d)
-    if P is None:
+    if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
-
-    if preserve_mode == "soft" and preserve_weight == 0:
-        preserve_mode = "none"
-    columns = n + (P.shape[1] if preserve_mode == "exact" else 0)
-    if columns > d:
-        return _factorize_wide(X, P, preserve_mode, preserve_weight, rtol, ridge)
-    if preserve_mode == "soft":
-        assert P is not None
-        return _factorize_soft(X, P, preserve_weight, rtol, ridge)
+    # the soft metric M = I + Q Qᵀ, and the columns that must hold exactly: [X] or [X P]
+    factors = [P * preserve_weight**0.5] if preserve_mode == "soft" else []
+    if soft is not None and soft.shape[-1]:
+        factors.append(_as_matrix("soft", soft, rows=d))
+    V = None if soft_targets is None or soft_targets.shape[-1] == 0 else _as_matrix("soft_targets", soft_targets, rows=d)
+    if V is not None:
+        if not soft_target_weight > 0:
+            raise ValueError("soft_target_weight must be > 0")
+        factors.append(V * soft_target_weight**0.5)
+    Q = torch.cat(factors, dim=1) if factors else None
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
-    U, s, Vh = torch.linalg.svd(system, full_matrices=False)
-    r = _rank(s, rtol)
-    return _finish(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
+    mode = "soft" if preserve_mode == "none" and Q is not None else preserve_mode
+    if system.shape[1] > d:
+        fact, solve_m = _factorize_wide(X, P, system, Q, mode, rtol, ridge)
+    elif Q is not None:
+        fact, solve_m = _factorize_soft(X, P, system, Q, mode, rtol, ridge)
+    else:
+        U, s, Vh = torch.linalg.svd(system, full_matrices=False)
+        r = _rank(s, rtol)
+        return _finish(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
+    if V is None:
+        return fact
+    A_soft = (soft_target_weight * solve_m(V)).T.contiguous()
+    targets = SoftTargets(V, A_soft, A_soft @ X, A_soft @ P if P is not None else None)
+    return replace(fact, soft_targets=targets)
 
 
 def _finish(
@@ -267,21 +321,19 @@ def _finish(
 
 
 def _factorize_wide(
-    X: Tensor, P: Tensor | None, preserve_mode: str, weight: float, rtol: float, ridge: float
-) -> Factorization:
+    X: Tensor, P: Tensor | None, system: Tensor, Q: Tensor | None, preserve_mode: str, rtol: float, ridge: float
+) -> tuple[Factorization, Callable[[Tensor], Tensor]]:
     """More constraint columns than inputs (beyond capacity): work with ``d × d`` matrices.
 
-    With ``M = L Lᵀ`` (soft preservation; ``L = I`` otherwise) and ``X̃ = L⁻¹ [X (P)]``, the
-    eigendecomposition of ``X̃ X̃ᵀ = Ũ Σ² Ũᵀ`` gives ``X̃⁺ = Ṽ Σ⁻¹ Ũᵀ`` with ``Ṽ = X̃ᵀ Ũ Σ⁻¹``, and
+    With ``M = L Lᵀ`` (soft preservation, ``M = I + Q Qᵀ``; ``L = I`` otherwise) and ``X̃ = L⁻¹ system``,
+    the eigendecomposition of ``X̃ X̃ᵀ = Ũ Σ² Ũᵀ`` gives ``X̃⁺ = Ṽ Σ⁻¹ Ũᵀ`` with ``Ṽ = X̃ᵀ Ũ Σ⁻¹``, and
     ``ΔW = R X̃⁺ L⁻¹`` — the minimum-norm least-squares update — at ``O(d² N + d³)`` instead of an
-    ``N × N`` eigenproblem or an SVD of a very wide matrix.
+    ``N × N`` eigenproblem or an SVD of a very wide matrix. Returns the factorisation and ``Y ↦ M⁻¹ Y``.
     """
-    d, n = X.shape
-    system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
+    d = X.shape[0]
     L = None
-    if preserve_mode == "soft":
-        assert P is not None
-        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + weight * (P @ P.T))
+    if Q is not None:
+        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + Q @ Q.T)
         system = torch.linalg.solve_triangular(L, system, upper=False)
     K = system @ system.T
     values, U = torch.linalg.eigh((K + K.T) / 2)
@@ -291,27 +343,34 @@ def _factorize_wide(
     U = U[:, :r]
     V = (system.T @ U) / s[:r]
     A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T
-    return _finish(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
+    fact = _finish(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
+    return fact, (lambda Y: Y if L is None else torch.cholesky_solve(Y, L))
 
 
-def _factorize_soft(X: Tensor, P: Tensor, weight: float, rtol: float, ridge: float) -> Factorization:
-    """Soft preservation through Woodbury and the ``N × N`` Gram matrix (see the module docs)."""
-    d, n = X.shape
-    m = P.shape[1]
-    if m < d:
-        C = torch.eye(m, dtype=torch.float64) / weight + P.T @ P
-        L = torch.linalg.cholesky(C)
-        Z = X - P @ torch.cholesky_solve(P.T @ X, L)
+def _factorize_soft(
+    X: Tensor, P: Tensor | None, system: Tensor, Q: Tensor, preserve_mode: str, rtol: float, ridge: float
+) -> tuple[Factorization, Callable[[Tensor], Tensor]]:
+    """Soft preservation ``M = I + Q Qᵀ`` through Woodbury and the ``N × N`` Gram matrix (see the module docs).
+
+    ``system`` is ``X``, or ``[X P]`` under exact preservation (those columns hold exactly too).
+    Returns the factorisation and ``Y ↦ M⁻¹ Y``.
+    """
+    d = X.shape[0]
+    k = Q.shape[1]
+    if k < d:
+        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64) + Q.T @ Q)
+        solve_m = lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)  # noqa: E731  Woodbury
     else:
-        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + weight * (P @ P.T))
-        Z = torch.cholesky_solve(X, L)
-    G = X.T @ Z
+        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + Q @ Q.T)
+        solve_m = lambda Y: torch.cholesky_solve(Y, L)  # noqa: E731
+    Z = solve_m(system)
+    G = system.T @ Z
     values, V = torch.linalg.eigh((G + G.T) / 2)
     values, V = values.flip(0).clamp_min(0), V.flip(1)
-    s = values.sqrt()  # singular values of M^{-1/2} X
+    s = values.sqrt()  # singular values of M^{-1/2} system
     r = _rank(s, rtol)
     V = V[:, :r]
-    return _finish(X, P, ((Z @ V) / s[:r]).T, V, s, r, n, "soft", rtol, ridge)
+    return _finish(X, P, ((Z @ V) / s[:r]).T, V, s, r, system.shape[1], preserve_mode, rtol, ridge), solve_m
 
 
 def factorize_uce(
@@ -373,6 +432,8 @@ def solve(
     site: str = "",
     WX: Tensor | None = None,
     WP: Tensor | None = None,
+    T_soft: Tensor | None = None,
+    WV: Tensor | None = None,
 ) -> SolveResult:
     """Solve one site given its shared factorisation.
 
@@ -382,6 +443,8 @@ def solve(
         T: ``(m, N)`` wanted outputs ``W' X`` (bias excluded) for the target columns.
         WX, WP: ``W X`` and ``W P`` when the caller already has them (a forward pass computed
             them); otherwise they are computed here.
+        T_soft, WV: the wanted outputs of the soft-target columns (``m × N_v``; required when the
+            factorisation has soft targets) and, optionally, ``W V``.
         strict: raise :class:`CapacityError` instead of warning when an exact solve
             cannot meet its constraints (achieved residual above ``residual_tol``).
         residual_tol: relative residual that still counts as exact.
@@ -399,36 +462,60 @@ def solve(
     if T.shape[1] != fact.n_targets:
         raise ValueError(f"T has {T.shape[1]} columns, the factorisation {fact.n_targets}")
 
-    # W only enters through W X (and W P for the report): convert it only when they were not given
-    W64 = _as_matrix("W", W) if WX is None or (fact.P is not None and WP is None) else None
+    soft = fact.soft_targets
+    if (soft is None) != (T_soft is None):
+        raise ValueError("T_soft is needed exactly when the factorisation has soft targets")
+    # W only enters through W X, W V (and W P for the report): convert it only when they were not given
+    need_w = WX is None or (fact.P is not None and WP is None) or (soft is not None and WV is None)
+    W64 = _as_matrix("W", W) if need_w else None
     R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m))
-    if fact.right.shape[0] > fact.n_targets:  # exact preservation: R' = [R, 0]
-        R_full = torch.cat([R, R.new_zeros(m, fact.right.shape[0] - fact.n_targets)], dim=1)
-    else:
-        R_full = R
     t_norm = float(torch.linalg.matrix_norm(T))
-    already_met = fact.exact and float(torch.linalg.matrix_norm(R)) <= residual_tol * t_norm
+    # the soft-target part of the update, R_v A_soft; the exact part then corrects what it does to X (and P)
+    if soft is not None:
+        B_soft = _as_matrix("T_soft", T_soft, rows=m) - (W64 @ soft.V if WV is None else _as_matrix("WV", WV, rows=m))
+        R_exact = R - B_soft @ soft.AX
+    else:
+        B_soft, R_exact = None, R
+    extra = fact.right.shape[0] - fact.n_targets  # exact preservation: R' = [R, −(soft part) P]
+    if extra:
+        held = -(B_soft @ soft.AP) if soft is not None else R.new_zeros(m, extra)
+        R_full = torch.cat([R_exact, held], dim=1)
+    else:
+        R_full = R_exact
+    already_met = fact.exact and float(torch.linalg.matrix_norm(R_exact)) <= residual_tol * t_norm
     if already_met:
-        # the targets already hold within residual_tol (an earlier stage did the work): no update, so
+        # the targets already hold within residual_tol (an earlier stage did the work): no exact update, so
         # the adapter does not carry corrections at the level of float32 rounding
         B = R.new_zeros(m, fact.rank)
     else:
         B = R_full @ fact.right
     if fact.exact and not already_met:  # one step of iterative refinement: corrects rounding, a no-op in exact arithmetic
-        correction = R - B @ fact.AX
-        if R_full is not R:
-            correction = torch.cat([correction, -(B @ fact.AP)], dim=1)
+        correction = R_exact - B @ fact.AX
+        if extra:
+            correction = torch.cat([correction, R_full[:, -extra:] - B @ fact.AP], dim=1)
         B = B + correction @ fact.right
+    # the update's factors: the soft-target part first, then the exact part (left out when it is all zero)
+    if soft is None:
+        parts = [(B, fact.A, fact.AX, fact.AP)]
+    elif already_met:
+        parts = [(B_soft, soft.A, soft.AX, soft.AP)]
+    else:
+        parts = [(B_soft, soft.A, soft.AX, soft.AP), (B, fact.A, fact.AX, fact.AP)]
+    B = torch.cat([p[0] for p in parts], dim=1)
+    A = parts[0][1] if len(parts) == 1 else fact.down
+    AX = torch.cat([p[2] for p in parts])
+    AP = torch.cat([p[3] for p in parts]) if fact.P is not None else None
+    gram = fact.gram if A is fact.down else A @ A.T
     # nothing to change (the inputs already give the targets, bit for bit): the zero update, rank 0
-    delta = LowRankDelta(B.contiguous(), fact.A) if torch.any(B) else LowRankDelta.zeros(m, d)
+    delta = LowRankDelta(B.contiguous(), A) if torch.any(B) else LowRankDelta.zeros(m, d)
 
-    miss = R - B @ fact.AX
+    miss = R - B @ AX
     miss_norm = float(torch.linalg.matrix_norm(miss))
     residual = miss_norm / t_norm if t_norm > 0 else miss_norm
     preserve_residual = None
     if fact.P is not None:
         wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m)))
-        dp = float(torch.linalg.matrix_norm(B @ fact.AP))
+        dp = float(torch.linalg.matrix_norm(B @ AP))
         preserve_residual = dp / wp if wp > 0 else dp
     within = fact.rank >= fact.n_constraints
     report = SolveReport(
@@ -440,7 +527,7 @@ def solve(
         condition=fact.condition,
         residual=residual,
         preserve_residual=preserve_residual,
-        delta_norm=_frobenius(B, fact.AAt) if delta.rank else 0.0,
+        delta_norm=_frobenius(B, gram) if delta.rank else 0.0,
         exact=fact.exact,
         within_capacity=within,
         update_rank=delta.rank,

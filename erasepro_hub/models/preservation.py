@@ -1,0 +1,193 @@
+"""The default preserve set as the solver sees it: a low-rank summary of the captions' features at every stage.
+
+Soft preservation (DESIGN §2.2) needs, at each stage, the metric ``M = I + λ P Pᵀ`` of the
+preserve features ``P`` (``d × M``). For a few hundred captions ``P`` has thousands of columns;
+only ``P Pᵀ`` matters, and its leading eigen-directions carry nearly all of it. So each stage keeps
+``S = U_r Λ_r^{1/2}`` (``d × r``, ``S Sᵀ ≈ P Pᵀ``, the top ``r`` eigenpairs, in float32), computed
+once from the **original** model — the captions are not what the erasure changes, and earlier
+stages keep them in place — and cached on disk under a key that covers everything the summary
+depends on: the caption token ids, every text-encoder weight, the stages and their token
+positions, the rank. The solver's cost then no longer grows with the number of captions.
+
+The cache lives in ``$ERASEPRO_CACHE`` (default ``$XDG_CACHE_HOME/erasepro_hub`` or
+``~/.cache/erasepro_hub``), one safetensors file per key, written atomically; an unreadable or
+unwritable cache is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .base import EditModel, TextEncoder
+from .prompts import Encoded, Prompt, encode, single_positions
+
+logger = logging.getLogger(__name__)
+
+#: Eigen-directions kept per stage (docs/defaults.md: the measured effect of the rank).
+CAPTION_RANK = 256
+#: Bump when the way summaries are computed changes: old cache entries are then ignored.
+SUMMARY_VERSION = 1
+#: Captions per forward pass while the summaries are built.
+CAPTION_BATCH = 64
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ERASEPRO_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "erasepro_hub"
+
+
+def summarize(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """``S`` (``d × r'``, ``r' ≤ rank``, float32) with ``S Sᵀ`` the best rank-``r'`` approximation of ``gram = P Pᵀ``.
+
+    The eigendecomposition runs in float64; directions with no energy (``λ ≤ 1e-12 λ_max``) are dropped.
+    """
+    G = gram.double()
+    values, U = torch.linalg.eigh((G + G.T) / 2)
+    values, U = values.flip(0), U.flip(1)
+    top = float(values[0]) if values.numel() else 0.0
+    keep = min(rank, int((values > 1e-12 * top).sum())) if top > 0 else 0
+    return (U[:, :keep] * values[:keep].sqrt()).float().contiguous()
+
+
+def _fingerprint(models: Sequence[torch.nn.Module]) -> str:
+    digest = hashlib.sha256()
+    for module in models:
+        for name, tensor in sorted(module.state_dict().items()):
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _cache_key(model: EditModel, ids: Sequence[torch.Tensor], stages: Mapping[str, tuple], policy: str, rank: int) -> str:
+    token_hash = hashlib.sha256(b"".join(t.numpy().tobytes() for t in ids)).hexdigest()
+    spec = {
+        "version": SUMMARY_VERSION,
+        "family": model.family,
+        "tokens": token_hash,
+        "weights": _fingerprint([te.model for te in model.text_encoders]),
+        "stages": {name: list(map(str, where)) for name, where in stages.items()},
+        "policy": policy,
+        "rank": rank,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError, ValueError) as exc:
+        if path.exists():
+            logger.warning("ignoring an unreadable caption cache entry %s (%s)", path, exc)
+        return None
+    if set(tensors) != set(names) or any(t.ndim != 2 or t.dtype != torch.float32 for t in tensors.values()):
+        logger.warning("ignoring a caption cache entry of the wrong shape: %s", path)
+        return None
+    return tensors
+
+
+def _store(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(dict(tensors), str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not write the caption cache %s (%s); it will be recomputed next time", path, exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def caption_summaries(
+    model: EditModel,
+    captions: Sequence[Prompt],
+    stages: Mapping[str, tuple[TextEncoder, torch.nn.Module, bool]],
+    final_stage: str,
+    *,
+    policy: str,
+    embed: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    rank: int = CAPTION_RANK,
+    use_cache: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``{stage: S}`` for every text-encoder stage (the input of its site) and the final stage (the prompt embedding).
+
+    ``stages`` maps a stage name to ``(encoder, site module, at_eos)``: the site's inputs are read through the
+    original encoder at the positions preservation keeps (:func:`~.prompts.single_positions` under ``policy``;
+    the end-of-text token for ``at_eos`` stages). ``embed`` computes the prompt embedding from the encoders' ids.
+    """
+    encoded = [encode(te.tokenizer, captions) for te in model.text_encoders]
+    ids = [e.ids for e in encoded]
+    where = {name: (te.component, module_name(te, module), at_eos) for name, (te, module, at_eos) in stages.items()}
+    key = _cache_key(model, ids, {**where, final_stage: ("embedding",)}, policy, rank)
+    path = cache_dir() / "captions" / f"{key}.safetensors"
+    names = [*stages, final_stage]
+    if use_cache:
+        cached = _load(path, names)
+        if cached is not None:
+            return cached
+    # P Pᵀ per stage, accumulated over batches of captions (float32, d × d): the features themselves
+    # (every position of a few hundred prompts, at a dozen stages) would not fit in memory at SD sizes
+    grams: dict[str, torch.Tensor] = {}
+
+    def add(name: str, columns: torch.Tensor) -> None:
+        columns = columns.float()
+        update = columns.T @ columns
+        grams[name] = update if name not in grams else grams[name] + update
+
+    handles = []
+    batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (te, module, at_eos) in stages.items():
+
+        def hook(mod, args, name=name):
+            x = args[0]
+            r, p = batch[name]
+            add(name, x[r.to(x.device), p.to(x.device)])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(captions), CAPTION_BATCH):
+                chunk = [e.ids[start : start + CAPTION_BATCH] for e in encoded]
+                sub = [_rows(e, start, CAPTION_BATCH) for e in encoded]
+                for name, (te, _, at_eos) in stages.items():
+                    batch[name] = single_positions("eos" if at_eos else policy, sub[model.text_encoders.index(te)])
+                embeddings = embed(chunk)
+                rows, pos = single_positions(policy, sub[0])
+                add(final_stage, embeddings[rows.to(embeddings.device), pos.to(embeddings.device)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    summaries = {name: summarize(grams[name].cpu(), rank) for name in names}
+    if use_cache:
+        _store(path, summaries)
+    return summaries
+
+
+def _rows(encoded: Encoded, start: int, size: int) -> Encoded:
+    """A batch of an :class:`Encoded`."""
+    stop = start + size
+    return Encoded(encoded.ids[start:stop], encoded.tokens[start:stop], encoded.eos[start:stop], encoded.starts[start:stop])
+
+
+def module_name(te: TextEncoder, module: torch.nn.Module) -> str:
+    for name, candidate in te.model.named_modules():
+        if candidate is module:
+            return name
+    raise KeyError("module not in the encoder")  # pragma: no cover - stages come from the encoder itself
