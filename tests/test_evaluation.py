@@ -122,3 +122,7 @@ def test_the_committed_comparison_covers_every_method_and_concept():
     recipe = load_manifest(DEMO).recipe()
     assert recipe.text_encoder.site == "mlp.fc2" and recipe.text_encoder.target_mode == "stream"
     assert recipe.text_encoder.depth is None and recipe.preserve.weight == 0.1
+    assert recipe.text_encoder.first_layer == 1 and recipe.solver.token_policy == "concept-eos"
+    assert recipe.solver.surplus == "anchor-eos" and recipe.preserve.captions == "default-v1"
+    assert recipe.preserve.caption_weight == 0.1 and recipe.prompts.misspelling_weight == 0.1
+    assert recipe.prompts.misspellings and recipe.prompts.bank_size == 3

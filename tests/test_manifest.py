@@ -12,7 +12,7 @@ from erasepro_hub.manifest import Recipe, dump_yaml, load_manifest, parse_manife
 
 from conftest import DEMO, REPO
 
-SHIPPED = sorted((REPO / "manifests").glob("*.yaml"))
+SHIPPED = sorted((REPO / "manifests").rglob("*.yaml"))
 
 
 def test_every_shipped_manifest_validates():

@@ -69,11 +69,11 @@ def test_summary_is_the_best_low_rank_approximation():
     assert preservation.summarize(torch.zeros(5, 5), rank=3).shape == (5, 0)
 
 
-def _summaries(model, captions, **kwargs):
+def _summaries(model, captions, policy="concept-eos", **kwargs):
     te = model.text_encoders[0]
     stages = {"s1": (te, te.site_module(1, "mlp.fc2"), False)}
     return preservation.caption_summaries(
-        model, captions, stages, FINAL_STAGE, policy="concept-eos",
+        model, captions, stages, FINAL_STAGE, policy=policy,
         embed=lambda ids: prompt_embeddings(model, ids)[0], rank=16, **kwargs,
     )
 
@@ -100,6 +100,12 @@ def test_caption_summaries_are_cached_and_a_bad_entry_is_recomputed(tmp_path, mo
     _summaries(model, captions)
     _summaries(model, captions[:20])
     assert len(list((tmp_path / "captions").iterdir())) == 3
+    # policies that keep the same positions share an entry; eos keeps other positions
+    _summaries(model, captions[:20], policy="concept-suffix")
+    assert len(list((tmp_path / "captions").iterdir())) == 3
+    eos = _summaries(model, captions[:20], policy="eos")
+    assert len(list((tmp_path / "captions").iterdir())) == 4
+    assert not torch.equal(eos["s1"], _summaries(model, captions[:20])["s1"])
 
 
 def test_an_unwritable_cache_still_solves(tmp_path, monkeypatch, caplog):

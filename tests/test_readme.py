@@ -42,3 +42,18 @@ def test_offline_walkthrough_runs_as_written(demo_folder, tmp_path):
         demo_folder / "pytorch_lora_weights.safetensors"
     ).read_bytes()
     assert not [s for s in (result.stdout + result.stderr).split() if "hf_demo_write_token" in s]
+
+
+def test_manifest_example_is_valid_and_spells_out_the_defaults():
+    from erasepro_hub.manifest import parse_manifest
+    from erasepro_hub.manifest.schema import Preserve, Prompts, SolverSettings, TextEncoderSettings
+
+    text = (REPO / "README.md").read_text().split("### The manifest", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    recipe = parse_manifest(block).recipe()
+    # the example shows the defaults: a change of default must change the README too
+    assert recipe.solver == SolverSettings()
+    assert recipe.text_encoder == TextEncoderSettings()
+    assert recipe.prompts.misspellings == Prompts.model_fields["misspellings"].default
+    assert recipe.preserve.weight == Preserve.model_fields["weight"].default
+    assert recipe.preserve.caption_weight == Preserve.model_fields["caption_weight"].default

@@ -319,3 +319,13 @@ def test_soft_targets_pull_towards_their_targets(problem):
         solve(factorize_zero_residual(X, soft_targets=V), W, T)
     with pytest.raises(ValueError, match="T_soft"):
         solve(factorize_zero_residual(X), W, T, T_soft=T_soft)
+
+
+def test_compact_keeps_the_update_and_caps_its_width():
+    g = torch.Generator().manual_seed(3)
+    wide = LowRankDelta(torch.randn(6, 15, generator=g, dtype=torch.float64), torch.randn(15, 9, generator=g, dtype=torch.float64))
+    small = wide.compact()
+    assert small.rank == 6 and small.shape == wide.shape
+    assert torch.allclose(small.dense(), wide.dense(), rtol=0, atol=1e-12 * float(wide.dense().abs().max()))
+    narrow = LowRankDelta(torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(2, 9, generator=g, dtype=torch.float64))
+    assert narrow.compact() is narrow

@@ -133,7 +133,7 @@ class Prompts(_Strict):
     #: every one-letter deletion of each target word (4+ letters), alone, kept near the bare anchor by a
     #: soft term of weight ``misspelling_weight`` (ErasePro methods; chosen by measurement, docs/defaults.md)
     misspellings: bool = True
-    misspelling_weight: float = Field(default=1.0, gt=0)
+    misspelling_weight: float = Field(default=0.1, gt=0)
 
     @model_validator(mode="after")
     def _some_templates(self) -> "Prompts":

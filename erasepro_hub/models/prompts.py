@@ -325,20 +325,25 @@ def pair_positions(
     return PairPositions(as_long(t_rows), as_long(t_pos), as_long(a_rows), as_long(a_pos))
 
 
+def single_rule(policy: str) -> str:
+    """Which positions :func:`single_positions` keeps under ``policy``: ``eos``, ``last-token`` or ``window``."""
+    if policy not in POLICIES:
+        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy if policy in ("eos", "last-token") else "window"
+
+
 def single_positions(policy: str, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of unpaired prompts (preserve sets, captions): what soft preservation keeps in place.
 
-    Every position of the window — the UNet attends to all of them, padding included (measured:
-    keeping only the prompts' own tokens lets unrelated prompts' padding drift, docs/defaults.md) —
-    except under ``eos`` and ``last-token``, which keep the one token they constrain.
+    Every position of the window — the UNet attends to all of them, padding included — except under
+    ``eos`` and ``last-token``, which keep the one token they constrain.
     """
-    if policy not in POLICIES:
-        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    rule = single_rule(policy)
     rows, pos = [], []
     for i, e in enumerate(encoded.eos):
-        if policy == "eos":
+        if rule == "eos":
             p = [e]
-        elif policy == "last-token":
+        elif rule == "last-token":
             p = [max(e - 1, 0)]
         else:
             p = list(range(encoded.length))

@@ -507,7 +507,7 @@ def solve(
     AP = torch.cat([p[3] for p in parts]) if fact.P is not None else None
     gram = fact.gram if A is fact.down else A @ A.T
     # nothing to change (the inputs already give the targets, bit for bit): the zero update, rank 0
-    delta = LowRankDelta(B.contiguous(), A) if torch.any(B) else LowRankDelta.zeros(m, d)
+    delta = LowRankDelta(B.contiguous(), A).compact() if torch.any(B) else LowRankDelta.zeros(m, d)
 
     miss = R - B @ AX
     miss_norm = float(torch.linalg.matrix_norm(miss))

@@ -64,6 +64,24 @@ class LowRankDelta:
         value = torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0.0)
         return float(value.sqrt())
 
+    def compact(self) -> "LowRankDelta":
+        """The same update with at most ``min(m, d)`` factor columns.
+
+        Factors with more columns than that (a soft-target part beside an exact part) are
+        re-factorised exactly: QR of both factors, then an SVD of the small core, keeping every
+        non-zero singular value. Factors that are already that narrow are returned as they are.
+        """
+        m, d = self.shape
+        if self.rank <= min(m, d):
+            return self
+        q_b, r_b = torch.linalg.qr(self.B)
+        q_a, r_a = torch.linalg.qr(self.A.T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        keep = int((s > 0).sum())
+        B = (q_b @ u[:, :keep]) * s[:keep]
+        A = vh[:keep] @ q_a.T
+        return LowRankDelta(B.contiguous(), A.contiguous())
+
     def to(self, dtype: torch.dtype) -> "LowRankDelta":
         """The same update with both factors cast to ``dtype``."""
         return LowRankDelta(self.B.to(dtype), self.A.to(dtype))
