@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean compare-minilm bench
+.PHONY: demo test install clean compare-minilm compare-minilm-validation bench
 
 install: $(STAMP)
 
@@ -32,19 +32,46 @@ clean:
 
 # The method comparison of docs/method-comparison/ (needs the optional MiniLM text encoder).
 COMPARE_VARIANTS := --methods none,uce,erasepro-kv,erasepro \
+	--variant surplus-anchor-first:solver.surplus=anchor-first \
+	--variant surplus-before-concept:solver.surplus=before-concept \
+	--variant surplus-window-end:solver.surplus=window-end \
+	--variant surplus-none:solver.surplus=none \
+	--variant concept-suffix:solver.token_policy=concept-suffix --variant all:solver.token_policy=all \
+	--variant eos:solver.token_policy=eos \
+	--variant first-layer-0:text_encoder.first_layer=0 --variant first-layer-2:text_encoder.first_layer=2 \
 	--variant site-mode:text_encoder.target_mode=site \
-	--variant fc1:text_encoder.site=mlp.fc1,text_encoder.target_mode=site \
-	--variant out_proj:text_encoder.site=self_attn.out_proj \
-	--variant depth1:text_encoder.depth=1 --variant depth3:text_encoder.depth=3 \
-	--variant site-depth1:text_encoder.target_mode=site,text_encoder.depth=1 \
-	--variant site-depth3:text_encoder.target_mode=site,text_encoder.depth=3 \
-	--variant preserve-none:preserve.mode=none --variant preserve-1:preserve.weight=1.0 \
-	--variant preserve-10:preserve.weight=10 \
-	--variant eos:solver.token_policy=eos --variant eos-kv:method=erasepro-kv,solver.token_policy=eos \
+	--variant captions-none:preserve.captions=none \
+	--variant caption-weight-0.01:preserve.caption_weight=0.01 \
+	--variant caption-weight-1:preserve.caption_weight=1.0 \
+	--variant preserve-none:preserve.mode=none,preserve.captions=none \
+	--variant preserve-weight-1:preserve.weight=1.0 \
+	--variant no-misspellings:prompts.misspellings=false \
+	--variant misspelling-weight-0.03:prompts.misspelling_weight=0.03 \
+	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
+	--variant own-templates:prompts.kind=null \
+	--variant bank-only:prompts.templates=[] \
+	--variant bank-size-10:prompts.bank_size=10 \
 	--variant uce-eos:method=uce,solver.token_policy=eos
 
 compare-minilm: $(STAMP)
 	$(BIN)/erasepro compare manifests/minilm/*.yaml $(COMPARE_VARIANTS) --out docs/method-comparison
+
+# The same checks on the eleven concepts of manifests/minilm-validation/ (docs/defaults.md).
+VALIDATION_VARIANTS := --methods none,uce,erasepro \
+	--variant surplus-window-end:solver.surplus=window-end --variant surplus-none:solver.surplus=none \
+	--variant concept-suffix:solver.token_policy=concept-suffix \
+	--variant first-layer-0:text_encoder.first_layer=0 --variant first-layer-2:text_encoder.first_layer=2 \
+	--variant captions-none:preserve.captions=none \
+	--variant no-misspellings:prompts.misspellings=false \
+	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
+	--variant own-templates:prompts.kind=null \
+	--variant bank-only-1:prompts.templates=[],prompts.bank_size=1 \
+	--variant bank-only-3:prompts.templates=[] \
+	--variant bank-only-5:prompts.templates=[],prompts.bank_size=5 \
+	--variant bank-only-10:prompts.templates=[],prompts.bank_size=10
+
+compare-minilm-validation: $(STAMP)
+	$(BIN)/erasepro compare manifests/minilm-validation/*.yaml $(VALIDATION_VARIANTS) --out docs/method-comparison/validation
 
 # Performance figures on an SD-1.5-shaped random pipeline (builds it on first use: ~4 GB on disk).
 bench: $(STAMP)
