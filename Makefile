@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean compare-minilm compare-minilm-validation bench
+.PHONY: demo test test-fast install clean compare-minilm compare-minilm-validation bench
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# A fast subset while working (solver, manifest, alignment, adapters, card goldens, import rules);
+# `make test` stays the full suite.
+FAST_TESTS := tests/test_solver.py tests/test_manifest.py tests/test_alignment.py tests/test_adapters.py \
+	tests/test_cards.py tests/test_architecture.py
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(FAST_TESTS)
 
 clean:
 	rm -rf $(VENV) erasures .pytest_cache

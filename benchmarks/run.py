@@ -1,4 +1,4 @@
-"""Performance benchmarks on an SD-1.5-shaped random pipeline (DESIGN §6). Figures, not tests.
+"""Performance benchmarks on an SD-1.5-shaped random pipeline (docs/design.md §6). Figures, not tests.
 
     python benchmarks/run.py            # everything; writes benchmarks/results/latest.{json,md}
     python benchmarks/run.py --quick    # fewer repeats and scaling cases

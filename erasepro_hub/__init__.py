@@ -18,6 +18,7 @@ _LAZY = {
     "AppliedAdapter": "erasepro_hub.adapters.apply",
     "erase": "erasepro_hub.erase",
     "regenerate": "erasepro_hub.erase",
+    "verify": "erasepro_hub.erase",
     "load_manifest": "erasepro_hub.manifest",
     "Manifest": "erasepro_hub.manifest",
     "Recipe": "erasepro_hub.manifest",

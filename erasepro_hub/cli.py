@@ -59,19 +59,22 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_regenerate(args: argparse.Namespace) -> int:
-    from .erase import regenerate
+    from .erase import regenerate, verify
 
     bar, step = _solve_progress("regenerate")
     try:
-        result = regenerate(
-            args.folder, verify=args.verify, out=args.out, overwrite=args.overwrite, device=args.device,
-            progress=step, command=args.command_line,
-        )
+        if not args.verify:
+            out = regenerate(
+                args.folder, out=args.out, overwrite=args.overwrite, device=args.device, progress=step,
+                command=args.command_line,
+            )
+        else:
+            result = verify(args.folder, device=args.device, progress=step)
     finally:
         bar.close()
     if not args.verify:
-        _print_summary(result)
-        print(result)
+        _print_summary(out)
+        print(out)
         return 0
     summary = {
         "folder": str(result.folder),

@@ -1,7 +1,7 @@
 """From a manifest to a finished erasure folder, and back again.
 
 :func:`compute` turns a recipe into deltas (load the base, build prompts, run the
-progressive driver). :func:`erase` writes the folder of DESIGN §4.1 atomically.
+progressive driver). :func:`erase` writes the folder of docs/design.md §4.1 atomically.
 :func:`regenerate` recomputes an erasure from its folder's manifest alone and,
 with ``verify``, compares it with what is stored.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -153,7 +153,6 @@ def plan_from_recipe(recipe: Recipe):
 class LoadedBase:
     model: object  # EditModel
     ref: BaseModelRef  # with the revision resolved to a commit for Hub ids
-    pipeline: object | None = None  # the full pipeline, for builtin models only
     license: str | None = None  # the base model's licence, from its model card
 
 
@@ -177,8 +176,8 @@ def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
     ref = recipe.base_model
     dtype = DTYPES[recipe.solver.dtype]
     if ref.kind == "builtin":
-        pipe, model = load_builtin(ref.builtin_name, dtype=dtype, device=device)
-        return LoadedBase(model, ref, pipe, license=BUILTIN_LICENSE)
+        _, model = load_builtin(ref.builtin_name, dtype=dtype, device=device)
+        return LoadedBase(model, ref, license=BUILTIN_LICENSE)
     if ref.kind == "local":
         model = load_edit_model(ref.id, dtype=dtype, device=device)
         return LoadedBase(model, ref, license=read_card_license(Path(ref.id).expanduser()))
@@ -206,7 +205,6 @@ class Computation:
     base: LoadedBase
     solution: object  # ErasureSolution
     stored: dict[str, LowRankDelta]
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def model(self):
@@ -449,37 +447,50 @@ def compare_deltas(stored: dict[str, LowRankDelta], fresh: dict[str, LowRankDelt
     return diffs, problems
 
 
-def regenerate(
-    folder: str | Path,
-    *,
-    verify: bool = False,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
-    command: list[str] | None = None,
-) -> RegenerateReport | Path:
-    """Recompute an erasure from ``folder/erasepro.yaml``.
-
-    ``folder`` may also be a Hub reference ``user/name[@revision]``: that commit is downloaded first.
-    With ``verify``: check the folder (file hashes, recipe hash) and compare the
-    recomputed deltas and base fingerprints with the stored ones; returns a
-    :class:`RegenerateReport`. Without: write the recomputed erasure to ``out``.
-    """
+def _local(folder: str | Path) -> Path:
+    """A folder, or a Hub reference ``user/name[@revision]`` downloaded (and checked) first."""
     if isinstance(folder, str):
         from .hub.publish import fetch_verified, looks_like_repo, parse_ref
 
         if looks_like_repo(folder):
             folder, _ = fetch_verified(*parse_ref(folder))
-    folder = Path(folder)
-    if not verify:
-        manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)
-        out = Path(out) if out is not None else folder.with_name(folder.name + "-regenerated")
-        check_output(out, overwrite=overwrite)
-        comp = compute(manifest.recipe(), device=device, progress=progress)
-        return write_folder(comp, out, overwrite=overwrite, command=command, device=device)
+    return Path(folder)
 
-    opened = open_folder(folder)
+
+def regenerate(
+    folder: str | Path,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+    command: list[str] | None = None,
+) -> Path:
+    """Recompute an erasure from ``folder/erasepro.yaml`` (or a manifest file) and write it to ``out``.
+
+    ``folder`` may also be a Hub reference ``user/name[@revision]``: that commit is downloaded first.
+    Returns the new folder (default: ``<folder>-regenerated`` beside it).
+    """
+    folder = _local(folder)
+    manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)
+    out = Path(out) if out is not None else folder.with_name(folder.name + "-regenerated")
+    check_output(out, overwrite=overwrite)
+    comp = compute(manifest.recipe(), device=device, progress=progress)
+    return write_folder(comp, out, overwrite=overwrite, command=command, device=device)
+
+
+def verify(
+    folder: str | Path,
+    *,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> RegenerateReport:
+    """Check an erasure folder against its manifest alone.
+
+    ``folder`` may also be a Hub reference ``user/name[@revision]``. Checks the file hashes and the recipe
+    hash, recomputes the deltas and the base-weight fingerprints, and compares them with the stored ones.
+    """
+    opened = open_folder(_local(folder))
     manifest = opened.manifest
     assert manifest.outputs is not None
     recipe = manifest.recipe()

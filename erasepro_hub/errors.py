@@ -1,8 +1,8 @@
 """One error hierarchy for the whole package.
 
 Every class also subclasses the matching built-in exception, so callers that
-catch ``ValueError`` or ``FileNotFoundError`` keep working. The command line
-maps the classes to exit codes in one place (:data:`EXIT_CODES`): ``2`` for bad
+catch ``ValueError`` or ``FileNotFoundError`` keep working. Each class carries
+its exit code (``exit_code``), which the command line returns: ``2`` for bad
 input, ``1`` for a check that ran and failed.
 """
 

@@ -1,6 +1,6 @@
 """Site keys and module lookup shared by the model glue and the adapter loader (torch only).
 
-A *site key* is the LoRA module key diffusers uses (DESIGN §4.1): the pipeline
+A *site key* is the LoRA module key diffusers uses (docs/design.md §4.1): the pipeline
 component, then the module path inside it — ``unet.<path>.attn2.to_k`` or
 ``text_encoder.text_model.encoder.layers.N.mlp.fc2``. The ``text_model.`` form
 loads on transformers 4 and 5; :func:`get_module` resolves it on either layout

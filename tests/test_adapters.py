@@ -8,10 +8,11 @@ import struct
 
 import pytest
 import torch
+import yaml
 
 from erasepro_hub.adapters import load_adapter, open_folder, read_adapter, save_adapter
 from erasepro_hub.adapters.folder import safe_relative
-from erasepro_hub.adapters.lora import HEADER_RECIPE, dense_as_lora, to_state_dict
+from erasepro_hub.adapters.lora import HEADER_RECIPE, dense_as_lora, file_sha256, to_state_dict
 from erasepro_hub.errors import AdapterFormatError, UnsafePathError, VerificationError
 from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.solver import LowRankDelta
@@ -102,6 +103,13 @@ def test_tampered_header_recipe_is_detected(demo_folder, tmp_path):
     save_adapter(folder / "pytorch_lora_weights.safetensors", adapter.deltas, recipe_sha256=SHA, version="x")
     # the file hash changed too: first the hash check fires
     with pytest.raises(VerificationError, match="modified"):
+        open_folder(folder)
+    # with the manifest's hash of the file brought up to date, the header's recipe hash still gives it away
+    manifest_path = folder / "erasepro.yaml"
+    data = yaml.safe_load(manifest_path.read_text())
+    data["outputs"]["files"]["pytorch_lora_weights.safetensors"] = file_sha256(folder / "pytorch_lora_weights.safetensors")
+    manifest_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    with pytest.raises(VerificationError, match="made from another recipe: its header says 0000000000000000"):
         open_folder(folder)
 
 

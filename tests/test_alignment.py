@@ -1,4 +1,4 @@
-"""The structural alignment of target and anchor tokens (DESIGN §2.5), on hand-built token sequences.
+"""The structural alignment of target and anchor tokens (docs/design.md §2.5), on hand-built token sequences.
 
 Token ids are small integers: 0 is BOS, 9 is EOS; the window is 10 unless a test says otherwise.
 """

@@ -1,4 +1,4 @@
-"""Dependency rules of DESIGN §3, checked on the source, and import-time isolation."""
+"""Dependency rules of docs/design.md §3, checked on the source, and import-time isolation."""
 
 from __future__ import annotations
 

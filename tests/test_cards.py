@@ -58,12 +58,31 @@ def check_golden(name: str, text: str) -> None:
 @pytest.mark.parametrize(
     "name, kwargs, base",
     [
-        ("card_hub_base.md", {"repo_id": "alice/erasure", "revision": "v1"}, "alice/tiny-sd-base"),
+        ("card_hub_base.md", {"repo_id": "alice/erasure", "revision": "v1", "revision_kind": "tag"}, "alice/tiny-sd-base"),
         ("card_builtin.md", {}, "builtin:tiny-sd"),
     ],
 )
 def test_golden_cards(name, kwargs, base):
     check_golden(name, render_card(fixed_manifest(base), **kwargs))
+
+
+@pytest.mark.parametrize(
+    "revision, kind, says",
+    [
+        ("v1", "tag", "follows that tag."),
+        ("dev", "branch", "follows that branch."),
+        ("release", None, "follows that tag or branch."),  # a card rendered without knowing what the name is
+        ("main", None, "follows that branch."),
+        ("a" * 40, None, None),  # a commit: nothing to follow
+    ],
+)
+def test_the_card_says_what_the_revision_is_only_when_it_knows(revision, kind, says):
+    text = render_card(fixed_manifest(), repo_id="alice/erasure", revision=revision, revision_kind=kind)
+    assert f'revision="{revision}",' in text  # the snippet loads that revision
+    if says is None:
+        assert "follows that" not in text
+    else:
+        assert says in text
 
 
 def test_card_parses_with_the_hub_client():

@@ -84,6 +84,15 @@ def test_regenerate_verify_passes_on_untouched_folder(demo_folder, capsys):
     assert "verified" in capsys.readouterr().err
 
 
+def test_verify_and_regenerate_are_two_verbs_with_one_return_type_each(demo_folder, tmp_path):
+    from erasepro_hub import regenerate, verify
+
+    report = verify(demo_folder)
+    assert report.ok and report.problems == [] and report.max_abs_diff <= report.atol
+    out = regenerate(demo_folder, out=tmp_path / "again")
+    assert out == tmp_path / "again" and (out / "erasepro.yaml").is_file()
+
+
 def test_regenerate_verify_fails_after_one_flipped_byte(demo_folder, tmp_path, capsys):
     folder = tmp_path / "tampered"
     shutil.copytree(demo_folder, folder)

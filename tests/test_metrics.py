@@ -37,7 +37,7 @@ def first_difference(pipe, a: str, b: str) -> int:
 
 
 def pairs_by_hand(pipe, target: str, anchor: str, k: int, *, everything: bool = False) -> list[tuple[int, int]]:
-    """DESIGN §2.5 written out: the concept and the tail shifted by the length difference, surplus concept
+    """docs/design.md §2.5 written out: the concept and the tail shifted by the length difference, surplus concept
     tokens to the anchor's end-of-text token; up to the target's EOS (``concept-eos``), or every position
     of the window with the prefix (``all``)."""
     length = pipe.tokenizer.model_max_length

@@ -25,7 +25,7 @@ from erasepro_hub.errors import (
     ManifestError,
     VerificationError,
 )
-from erasepro_hub.manifest import parse_manifest
+from erasepro_hub.manifest import Manifest, parse_manifest
 from erasepro_hub.models.loading import load_builtin
 
 from conftest import DEMO, TOKENS
@@ -155,10 +155,13 @@ def test_malformed_manifests_give_a_typed_error_naming_the_field(case):
 @given(st.binary(max_size=300) | st.text(max_size=300))
 def test_arbitrary_bytes_never_crash_the_reader(blob):
     text = blob.decode("utf-8", "replace") if isinstance(blob, bytes) else blob
-    with pytest.raises(ManifestError):
+    # the reader answers with a validated manifest or a ManifestError; anything else escapes and fails the test
+    try:
         manifest = parse_manifest(text)
-        if manifest is not None:  # a valid manifest from random text is not a failure of the reader
-            raise ManifestError("valid")
+    except ManifestError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(manifest, Manifest)
 
 
 @settings(max_examples=40, deadline=None)
@@ -405,11 +408,10 @@ def test_every_output_is_free_of_the_token(demo_folder, tmp_path, monkeypatch, c
 def test_templates_never_evaluate_user_strings():
     from test_cards import fixed_manifest
 
-    from erasepro_hub.cards.render import _environment, render_card
+    from erasepro_hub.cards.render import render_card
 
     payload = "{{ ''.__class__.__mro__ }} {% for x in range(3) %}X{{x}}Y{% endfor %}"
     manifest = fixed_manifest(concepts=[{"target": payload, "anchor": "art"}], description=payload)
     text = render_card(manifest)
     assert payload in text  # verbatim in the manifest block: data, not template source
     assert "X0Y" not in text and "<class" not in text
-    assert _environment().undefined.__name__ == "StrictUndefined"

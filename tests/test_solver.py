@@ -1,4 +1,4 @@
-"""The closed forms of DESIGN §2.1–2.3 against their definitions, in float64."""
+"""The closed forms of docs/design.md §2.1–2.3 against their definitions, in float64."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The adapter folder (DESIGN §4.1) and the checks every reader runs before trusting it."""
+"""The adapter folder (docs/design.md §4.1) and the checks every reader runs before trusting it."""
 
 from __future__ import annotations
 

@@ -96,8 +96,22 @@ IMAGE_PAIR_ROWS = (
 )
 
 
-def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None) -> dict:
-    """Everything the template needs, as plain data (no I/O)."""
+def _revision_kind(revision: str, known: str | None) -> str:
+    """``commit``, ``tag``, ``branch``, or ``ref`` when the caller does not know which."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return "commit"
+    if known is not None:
+        return known
+    return "branch" if revision == "main" or revision.startswith("refs/heads/") else "ref"
+
+
+def card_context(
+    manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None, revision_kind: str | None = None
+) -> dict:
+    """Everything the template needs, as plain data (no I/O).
+
+    ``revision_kind`` (``tag`` or ``branch``) says what ``revision`` names when the caller knows it (a push).
+    """
     from ..hub.card_data import card_metadata
 
     outputs = manifest.outputs
@@ -112,25 +126,13 @@ def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: st
     license_ = outputs.base_license if outputs is not None else None
     name = manifest.name or "erasure"
     front = card_metadata(model_name=name, base_model=hub_base, license=license_, tags=tags, metrics=metrics)
-    pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    if base.kind == "hub":
-        load = (
-            f"import torch\nfrom diffusers import {pipeline_class}\n\n"
-            f"pipe = {pipeline_class}.from_pretrained(\n    {py_literal(base.id)}, revision={py_literal(base.revision)}, "
-            "torch_dtype=torch.float16\n)\n"
-        )
-    elif base.kind == "builtin":
-        load = (
-            "from erasepro_hub.models.builtin import build_builtin\n\n"
-            f"pipe = build_builtin({py_literal(base.builtin_name)})  # the embedded {base.id} model\n"
-        )
-    else:
-        load = f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained({py_literal(base.id)})\n"
-    snippet = (
-        load
-        + f"pipe.load_lora_weights(\n    {py_literal(repo_id)},\n    weight_name=\"pytorch_lora_weights.safetensors\",\n"
-        + f"    revision={py_literal(revision)},\n)\nimage = pipe(\"a painting in a museum\").images[0]"
-    )
+    usage = {
+        "pipeline_class": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
+        "base_kind": base.kind,
+        "base_id": base.id,
+        "base_revision": base.revision,
+        "builtin_name": base.builtin_name if base.kind == "builtin" else None,
+    }
     recipe_yaml = dump_yaml(manifest.recipe())
     sites = outputs.sites if outputs is not None else []
     baseline = metrics.get("baseline_uce") or {}
@@ -162,11 +164,10 @@ def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: st
         "n_sites": sum(1 for s in sites if s.update_rank),
         "n_te_sites": sum(1 for s in sites if s.update_rank and s.name.startswith("text_encoder")),
         "n_kv_sites": sum(1 for s in sites if s.update_rank and s.name.startswith("unet.")),
-        "snippet": snippet,
+        "usage": usage,
         "repo_id": repo_id,
         "revision": revision,
-        "revision_is_commit": bool(re.fullmatch(r"[0-9a-f]{40}", revision)),
-        "revision_is_tag": revision not in ("main",) and not revision.startswith("refs/heads/"),
+        "revision_kind": _revision_kind(revision, revision_kind),
         "metrics": rows,
         "has_baseline": bool(baseline) and manifest.method != "uce",
         "image_rows": image_rows,
@@ -179,13 +180,22 @@ def card_context(manifest: Manifest, *, repo_id: str | None = None, revision: st
     }
 
 
-def render_card(manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None) -> str:
+def render_card(
+    manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None, revision_kind: str | None = None
+) -> str:
     """The model card (README.md) of an erasure."""
-    context = card_context(manifest, repo_id=repo_id, revision=revision)
+    context = card_context(manifest, repo_id=repo_id, revision=revision, revision_kind=revision_kind)
     return _environment().from_string(_template_source()).render(**context)
 
 
-def write_card(folder: str | Path, manifest: Manifest, *, repo_id: str | None = None, revision: str | None = None) -> list[str]:
+def write_card(
+    folder: str | Path,
+    manifest: Manifest,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    revision_kind: str | None = None,
+) -> list[str]:
     """Write ``README.md`` and the plot into ``folder``; returns the file names written."""
     from .plot import site_norm_plot
 
@@ -195,5 +205,6 @@ def write_card(folder: str | Path, manifest: Manifest, *, repo_id: str | None = 
     if baseline.get("delta_norm_rel") and manifest.method != "uce":
         series["uce (baseline, same prompts)"] = baseline["delta_norm_rel"]
     site_norm_plot(series, folder / PLOT_FILE, title=f"{manifest.name or 'erasure'}: per-site update norm")
-    (folder / "README.md").write_text(render_card(manifest, repo_id=repo_id, revision=revision), encoding="utf-8")
+    card = render_card(manifest, repo_id=repo_id, revision=revision, revision_kind=revision_kind)
+    (folder / "README.md").write_text(card, encoding="utf-8")
     return ["README.md", PLOT_FILE]

@@ -1,4 +1,4 @@
-"""Feature-level metrics (DESIGN §5), computed on the model itself with the adapter as stored.
+"""Feature-level metrics (docs/design.md §5), computed on the model itself with the adapter as stored.
 
 Read first — they depend on no token pairing:
 

@@ -152,7 +152,7 @@ def push(
     branch = branch or "main"
     api = HfApi(token=token)
     # the card names this repository and the revision to load; it is not among the hashed files
-    write_card(folder, opened.manifest, repo_id=repo_id, revision=tag or branch)
+    write_card(folder, opened.manifest, repo_id=repo_id, revision=tag or branch, revision_kind="tag" if tag else "branch")
     names = publish_files(folder)
     with hub_errors("create_repo", repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

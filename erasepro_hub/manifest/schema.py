@@ -147,7 +147,7 @@ CaptionSet = Literal["default-v1", "none"]
 
 
 class Preserve(_Strict):
-    """What should not move (DESIGN §2.2).
+    """What should not move (docs/design.md §2.2).
 
     ``concepts`` (in ``templates``, default: the prompt templates): ``mode`` ``soft`` (weight
     ``weight``, no capacity cost), ``exact`` (``ΔW P = 0``; uses capacity) or ``none``.
@@ -191,7 +191,7 @@ class Evaluation(_Strict):
 
 
 class TextEncoderSettings(_Strict):
-    """Progressive text-encoder stages (DESIGN §2.4); used by ``method: erasepro`` only.
+    """Progressive text-encoder stages (docs/design.md §2.4); used by ``method: erasepro`` only.
 
     ``site``: the linear edited in each layer. ``depth``: how many layers, from the
     first (``null``: every layer that feeds the prompt embedding). ``target_mode``:
@@ -340,6 +340,3 @@ class Manifest(Recipe):
         """The input half, exactly as ``regenerate`` uses it."""
         data = self.model_dump(mode="json", exclude={"outputs", "metrics", "provenance"})
         return Recipe.model_validate(data)
-
-
-RECIPE_FIELDS = tuple(Recipe.model_fields)

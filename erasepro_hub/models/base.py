@@ -142,10 +142,6 @@ class TextEncoder:
         """How many layers, from the first, feed the prompt embedding."""
         return self.num_layers if self.spec.embed == "last" else self.num_layers - 1
 
-    @property
-    def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
-
     def site_key(self, layer: int, site: str) -> str:
         return self.arch.key(self.component, layer, site)
 

@@ -12,7 +12,7 @@ the model seed and the parameter's name, so a builtin model is the same on every
 machine and every library version that keeps the parameter names.
 
 Widths are chosen so that the demo's constraints fit every site's capacity
-(``N ≤ d``, DESIGN §2.1): the padded length is 32 tokens and the text width 192,
+(``N ≤ d``, docs/design.md §2.1): the padded length is 32 tokens and the text width 192,
 so four templates under the ``concept-suffix`` policy give about 116 constraint
 columns against an input width of 192 (``to_k``/``to_v``) and 768 (``mlp.fc2``).
 """

@@ -1,6 +1,6 @@
 """The default preserve set as the solver sees it: a low-rank summary of the captions' features at every stage.
 
-Soft preservation (DESIGN §2.2) needs, at each stage, the metric ``M = I + λ P Pᵀ`` of the
+Soft preservation (docs/design.md §2.2) needs, at each stage, the metric ``M = I + λ P Pᵀ`` of the
 preserve features ``P`` (``d × M``). For a few hundred captions ``P`` has thousands of columns;
 only ``P Pᵀ`` matters, and its leading eigen-directions carry nearly all of it. So each stage keeps
 ``S = U_r Λ_r^{1/2}`` (``d × r``, ``S Sᵀ ≈ P Pᵀ``, the top ``r`` eigenpairs, in float32), computed

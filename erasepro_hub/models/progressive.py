@@ -1,4 +1,4 @@
-"""The progressive driver (DESIGN §2.4): shallow text-encoder stages first, UNet K/V last.
+"""The progressive driver (docs/design.md §2.4): shallow text-encoder stages first, UNet K/V last.
 
 Stages and their inputs
 -----------------------
@@ -118,9 +118,6 @@ class ErasureSolution:
     def deltas(self) -> dict[str, LowRankDelta]:
         return {s.key: s.delta for s in self.sites}
 
-    @property
-    def reports(self) -> dict[str, SolveReport]:
-        return {s.key: s.report for s in self.sites}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Prompt sets built from templates, and which token of a target prompt pairs with which of its anchor (DESIGN §2.5).
+"""Prompt sets built from templates, and which token of a target prompt pairs with which of its anchor (docs/design.md §2.5).
 
 Target and anchor usually tokenise to different lengths ("Vincent van Gogh" is three
 tokens, "art" one, "" none), so positions are paired **by structure**, in one place —

@@ -12,7 +12,7 @@ low-rank factors::
 
 Methods
 -------
-``zero-residual`` (ErasePro, DESIGN §2.1): ``ΔW = argmin ||ΔW||_F  s.t. (W + ΔW) X = T``,
+``zero-residual`` (ErasePro, docs/design.md §2.1): ``ΔW = argmin ||ΔW||_F  s.t. (W + ΔW) X = T``,
 i.e. ``ΔW = R X⁺``, computed from a thin SVD of ``X`` in float64 (no explicit inverse).
 
 ``soft`` preservation (§2.2): ``min ||ΔW||² + λ_p ||ΔW P||²  s.t. ΔW X = R``, with
