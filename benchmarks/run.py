@@ -129,7 +129,8 @@ def solve_ratios(repeats: int) -> dict:
     """Solve times (weights loaded) of erasepro and uce on the same prompts, and one text-encoder pass."""
     from erasepro_hub import erase as E
     from erasepro_hub.manifest import load_manifest
-    from erasepro_hub.models.progressive import prompt_embeddings, solve_erasure
+    from erasepro_hub.models.base import prompt_embeddings
+    from erasepro_hub.models.progressive import solve_erasure
     from erasepro_hub.models.prompts import encode
 
     recipe = load_manifest(MANIFEST).recipe()

@@ -13,9 +13,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_adapter": "erasepro_hub.adapters.apply",
-    "unload_adapter": "erasepro_hub.adapters.apply",
-    "AppliedAdapter": "erasepro_hub.adapters.apply",
+    "load_adapter": "erasepro_hub.api",
+    "unload_adapter": "erasepro_hub.api",
+    "push": "erasepro_hub.api",
+    "AppliedAdapter": "erasepro_hub.api",
     "erase": "erasepro_hub.erase",
     "regenerate": "erasepro_hub.erase",
     "verify": "erasepro_hub.erase",

@@ -19,7 +19,6 @@ from . import __version__
 from .errors import EraseProError
 
 
-
 def _solve_progress(desc: str):
     """A progress bar on stderr (hidden when stderr is not a terminal) and its per-stage callback."""
     from tqdm.auto import tqdm
@@ -100,8 +99,9 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .adapters.folder import MANIFEST_FILE, check_files, open_folder
+    from .adapters.folder import check_files, open_folder
     from .errors import VerificationError
+    from .layout import MANIFEST_FILE
     from .manifest import load_manifest
 
     folder = Path(args.folder)
@@ -158,7 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub.publish import push
+    from .api import push
 
     result = push(args.folder, args.repo_id, private=args.private, branch=args.branch, tag=args.tag)
     state = "new commit" if result.new_commit else "unchanged, no new commit"

@@ -20,11 +20,12 @@ import torch
 
 from . import __version__
 from .adapters.fingerprint import weight_fingerprints
-from .adapters.folder import MANIFEST_FILE, METRICS_FILE, open_folder
+from .adapters.folder import open_folder
 from .adapters.lora import ADAPTER_FILE, dense_as_lora, file_sha256, save_adapter
 from .cards import write_card
 from .errors import EraseProError, VerificationError
 from .fsutil import atomic_folder, check_output
+from .layout import MANIFEST_FILE, METRICS_FILE
 from .manifest import (
     BaseModelRef,
     Manifest,
@@ -38,7 +39,6 @@ from .manifest import (
     to_data,
 )
 from .solver import LowRankDelta
-
 
 #: ``regenerate --verify`` accepts a max abs difference of this fraction of the largest |ΔW| entry.
 #: It covers float32 feature differences between machines, thread counts and devices; a changed

@@ -73,9 +73,11 @@ def test_one_way_dependencies():
         "solver": ("models", "erase", "cli", "manifest", "adapters", "cards", "hub", "evaluate"),
         "manifest": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate"),
         "models": ("erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest"),
-        "adapters": ("models", "erase", "cli", "cards", "evaluate"),
-        "cards": ("models", "erase", "cli", "adapters", "evaluate"),
-        "hub": ("models", "erase", "cli", "evaluate"),
+        "adapters": ("models", "erase", "cli", "cards", "evaluate", "hub", "api"),
+        "cards": ("models", "erase", "cli", "adapters", "evaluate", "hub.publish", "hub.download", "api"),
+        "hub": ("models", "erase", "cli", "evaluate", "cards", "api"),
+        "evaluate": ("erase", "cli", "api", "models.progressive"),
+        "layout": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest", "solver", "api"),
         "testing": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest", "solver"),
         "erase": ("cli",),
     }
@@ -114,3 +116,27 @@ def test_the_test_hub_uses_only_the_standard_library_and_pyyaml():
     for path in files("testing"):
         for name in imports_of(path):
             assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_no_import_cycles_between_packages():
+    """The package-level import graph (lazy imports included) has no cycle."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).with_suffix("").parts
+        node = rel[0]
+        for name in imports_of(path):
+            parts = name.split(".")
+            if parts[0] == "erasepro_hub" and len(parts) > 1 and parts[1] != node:
+                target = parts[1]
+                if (PKG / target).is_dir() or (PKG / f"{target}.py").is_file():
+                    graph.setdefault(node, set()).add(target)
+
+    def reach(start: str, seen: set[str]) -> set[str]:
+        for nxt in graph.get(start, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+
+    cycles = sorted(f"{a} -> {b} -> … -> {a}" for a in graph for b in graph[a] if a in reach(b, set()))
+    assert not cycles, cycles

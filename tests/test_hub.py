@@ -13,7 +13,8 @@ from helpers import kv_residuals
 
 from erasepro_hub.cli import main
 from erasepro_hub.errors import HubError, VerificationError
-from erasepro_hub.hub.publish import PushResult, pull, push
+from erasepro_hub.api import push
+from erasepro_hub.hub.publish import PushResult, pull
 from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.loading import load_builtin
 

@@ -13,7 +13,8 @@ from erasepro_hub.errors import ManifestError
 from erasepro_hub.manifest import load_manifest, parse_manifest, to_data
 from erasepro_hub.models import preservation
 from erasepro_hub.models.loading import load_builtin
-from erasepro_hub.models.progressive import FINAL_STAGE, prompt_embeddings
+from erasepro_hub.models.base import prompt_embeddings
+from erasepro_hub.models.progressive import FINAL_STAGE
 from erasepro_hub.models.prompts import Prompt
 
 from conftest import DEMO

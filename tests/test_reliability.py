@@ -318,7 +318,7 @@ def test_killing_erase_mid_write_never_leaves_a_complete_looking_folder(demo_fol
 # ----------------------------------------------------------------------------- Hub faults on pull
 @pytest.fixture(scope="module")
 def pushed(demo_folder, tmp_path_factory):
-    from erasepro_hub.hub.publish import push
+    from erasepro_hub.api import push
 
     folder = tmp_path_factory.mktemp("pushed") / "f"
     shutil.copytree(demo_folder, folder)

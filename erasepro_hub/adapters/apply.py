@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..errors import BaseMismatchError
-from ..manifest.schema import HUB_ID_RE
 from ..naming import get_module, split_key
 from ..solver import LowRankDelta
 from .fingerprint import dtype_name, weight_fingerprint
@@ -159,39 +158,25 @@ def apply_deltas(
     return applied
 
 
-def load_adapter(
-    pipe: Any,
-    path: str | Path,
-    *,
-    fuse: bool = False,
-    verify_base: bool = True,
-    revision: str | None = None,
-    token: str | None = None,
-) -> AppliedAdapter:
-    """Apply an erasure folder to a diffusers pipeline, verified; returns a handle whose ``remove()`` undoes it.
+def load_adapter(pipe: Any, path: str | Path, *, fuse: bool = False, verify_base: bool = True, source: str | None = None) -> AppliedAdapter:
+    """Apply a local erasure folder to a diffusers pipeline, verified; returns a handle whose ``remove()`` undoes it.
+
+    (``erasepro_hub.load_adapter`` also takes a Hub repository and a revision; it downloads and checks
+    that commit, then calls this.)
 
     Args:
         pipe: a loaded ``StableDiffusion[XL]Pipeline`` (or any object with ``unet``/``text_encoder`` attributes).
-        path: an erasure folder written by ``erasepro erase``, or a Hub repository ``user/name`` (then
-            ``revision`` — branch, tag or commit — is resolved to a commit sha and that commit is downloaded
-            and checked like a folder; ``applied.source`` names the commit).
+        path: an erasure folder written by ``erasepro erase``.
         fuse: add ``B A`` into the weights (no inference overhead) instead of using forward hooks.
         verify_base: compare the pipeline's weights with the fingerprints recorded at erase time and refuse a
             mismatch; ``False`` skips only this check.
+        source: what ``applied.source`` names (default: the path).
 
     Raises:
         VerificationError: a file was modified, or the manifest was edited after the erasure was made.
         BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
         AdapterFormatError, ManifestError: the folder is not a readable erasure.
     """
-    source = str(path)
-    if not Path(path).is_dir() and not Path(path).exists() and HUB_ID_RE.match(str(path)):
-        from ..hub.publish import fetch_verified
-
-        path, commit = fetch_verified(str(path), revision, token=token)
-        source = f"{source}@{commit}"
-    elif revision is not None:
-        raise ValueError("revision applies to Hub repositories; a local folder has no revisions")
     folder: ErasureFolder = open_folder(path)
     deltas = folder.adapter.deltas
     modules = {key: resolve_site(pipe, key) for key in deltas}
@@ -204,7 +189,7 @@ def load_adapter(
         recorded = manifest.outputs.base_fingerprints
         checked = {key: (modules[key] if key in modules else resolve_site(pipe, key)).weight for key in recorded}
         check_fingerprints(checked, recorded, base)
-    return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source)
+    return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source or str(path))
 
 
 def unload_adapter(pipe: Any) -> int:

@@ -6,12 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import AdapterFormatError, UnsafePathError, VerificationError
+from ..layout import MANIFEST_FILE
 from ..manifest import Manifest, load_manifest, recipe_sha256
 from .lora import AdapterFile, file_sha256, read_adapter
-
-MANIFEST_FILE = "erasepro.yaml"
-METRICS_FILE = "metrics.json"
-CARD_FILE = "README.md"
 
 
 def safe_relative(name: str) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
+from ..layout import CARD_FILE, PLOT_FILE
 from ..manifest import Manifest, dump_yaml
 
 TEMPLATE = "model_card.md.j2"
-PLOT_FILE = "delta_norms.png"
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
 
 
@@ -206,5 +206,5 @@ def write_card(
         series["uce (baseline, same prompts)"] = baseline["delta_norm_rel"]
     site_norm_plot(series, folder / PLOT_FILE, title=f"{manifest.name or 'erasure'}: per-site update norm")
     card = render_card(manifest, repo_id=repo_id, revision=revision, revision_kind=revision_kind)
-    (folder / "README.md").write_text(card, encoding="utf-8")
-    return ["README.md", PLOT_FILE]
+    (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    return [CARD_FILE, PLOT_FILE]

@@ -35,11 +35,10 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapters.apply import apply_deltas
+from ..models.base import EditModel, prompt_embeddings
+from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair, encode, pair_positions, single_positions
 from ..naming import get_module, is_kv_key, split_key
 from ..solver import LowRankDelta
-from ..models.base import EditModel
-from ..models.progressive import prompt_embeddings
-from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair, encode, pair_positions, single_positions
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..adapters.folder import CARD_FILE, MANIFEST_FILE, open_folder
+from ..adapters.folder import open_folder
 from ..errors import EraseProError, HubError, ManifestError
 from ..fsutil import atomic_folder, check_output
+from ..layout import CARD_FILE, MANIFEST_FILE, PLOT_FILE
 from ..manifest.schema import HUB_ID_RE, SHA_RE
 
 RECORD_DIR = ".erasepro"
@@ -124,10 +125,7 @@ def publish_files(folder: Path) -> list[str]:
     """The files of a release: the manifest, every file it hashes, the card and its plot."""
     opened = open_folder(folder)
     assert opened.manifest.outputs is not None
-    names = [MANIFEST_FILE, *opened.manifest.outputs.files, CARD_FILE]
-    from ..cards.render import PLOT_FILE
-
-    names.append(PLOT_FILE)
+    names = [MANIFEST_FILE, *opened.manifest.outputs.files, CARD_FILE, PLOT_FILE]
     return list(dict.fromkeys(names))
 
 
@@ -141,18 +139,18 @@ def push(
     token: str | None = None,
     message: str | None = None,
 ) -> PushResult:
-    """Publish an erasure folder as one commit; returns the commit sha (see the module docs)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Publish an erasure folder, its card already rendered, as one commit (see the module docs).
 
-    from ..cards import write_card
+    ``erasepro_hub.push`` renders the card for this repository and revision first; this function
+    uploads the folder as it is.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
     repo_id, _ = parse_ref(repo_id)
     opened = open_folder(folder)  # refuses a folder whose files do not match the manifest's hashes
     branch = branch or "main"
     api = HfApi(token=token)
-    # the card names this repository and the revision to load; it is not among the hashed files
-    write_card(folder, opened.manifest, repo_id=repo_id, revision=tag or branch, revision_kind="tag" if tag else "branch")
     names = publish_files(folder)
     with hub_errors("create_repo", repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -222,3 +222,22 @@ def detect_family_from_pipeline(pipe) -> str:
     if te is None:
         raise UnsupportedModelError(f"{type(pipe).__name__} has no text encoder; expected an SD 1.x/2.x/XL pipeline")
     return "sd2" if te.config.hidden_size == 1024 or getattr(pipe.tokenizer, "pad_token", None) == "!" else "sd1"
+
+
+def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them."""
+    device = te.model.device
+    out = te.model(ids.to(device), output_hidden_states=True)
+    embeds = out.last_hidden_state if te.spec.embed == "last" else out.hidden_states[-2]
+    pooled = out.text_embeds if te.spec.pooled else None
+    return embeds, pooled
+
+
+def prompt_embeddings(model: EditModel, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's conditioning: per-encoder embeddings concatenated (SDXL), and the pooled one."""
+    parts, pooled = [], None
+    for te, te_ids in zip(model.text_encoders, ids):
+        embeds, p = run_encoder(te, te_ids)
+        parts.append(embeds)
+        pooled = p if p is not None else pooled
+    return torch.cat(parts, dim=-1), pooled

@@ -50,9 +50,18 @@ from ..solver import (
     factorize_zero_residual,
     solve,
 )
-from .base import EditModel, TextEncoder, get_module
+from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
 from .preservation import caption_summaries
-from .prompts import DEFAULT_SURPLUS, Encoded, PairPositions, Prompt, PromptPair, encode, pair_positions, single_positions
+from .prompts import (
+    DEFAULT_SURPLUS,
+    Encoded,
+    PairPositions,
+    Prompt,
+    PromptPair,
+    encode,
+    pair_positions,
+    single_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,25 +176,6 @@ def _tensor_output(output):
 
 def _bias(module: nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
-
-
-def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them."""
-    device = te.model.device
-    out = te.model(ids.to(device), output_hidden_states=True)
-    embeds = out.last_hidden_state if te.spec.embed == "last" else out.hidden_states[-2]
-    pooled = out.text_embeds if te.spec.pooled else None
-    return embeds, pooled
-
-
-def prompt_embeddings(model: EditModel, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The UNet's conditioning: per-encoder embeddings concatenated (SDXL), and the pooled one."""
-    parts, pooled = [], None
-    for te, te_ids in zip(model.text_encoders, ids):
-        embeds, p = run_encoder(te, te_ids)
-        parts.append(embeds)
-        pooled = p if p is not None else pooled
-    return torch.cat(parts, dim=-1), pooled
 
 
 # ----------------------------------------------------------------------------- planning
@@ -501,7 +491,5 @@ __all__ = [
     "ErasurePlan",
     "ErasureSolution",
     "SiteSolution",
-    "prompt_embeddings",
-    "run_encoder",
     "solve_erasure",
 ]
