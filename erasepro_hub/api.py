@@ -12,7 +12,6 @@ from typing import Any
 
 from .adapters.apply import AppliedAdapter, unload_adapter
 from .adapters.apply import load_adapter as load_folder
-from .manifest.schema import HUB_ID_RE
 
 __all__ = ["AppliedAdapter", "load_adapter", "push", "unload_adapter"]
 
@@ -43,14 +42,20 @@ def load_adapter(
         BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
         AdapterFormatError, ManifestError: the folder is not a readable erasure.
     """
-    source = str(path)
-    if not Path(path).exists() and HUB_ID_RE.match(str(path)):
-        from .hub.publish import fetch_verified
+    from .hub.publish import looks_like_repo
 
-        path, commit = fetch_verified(str(path), revision, token=token)
-        source = f"{source}@{commit}"
+    if looks_like_repo(path):
+        from .hub.publish import fetch_verified, parse_ref
+
+        repo_id, pinned = parse_ref(str(path))
+        if pinned is not None and revision is not None and pinned != revision:
+            raise ValueError(f"{path!r} names revision {pinned!r} and revision={revision!r} another; give one")
+        path, commit = fetch_verified(repo_id, pinned or revision, token=token)
+        source = f"{repo_id}@{commit}"
     elif revision is not None:
         raise ValueError("revision applies to Hub repositories; a local folder has no revisions")
+    else:
+        source = str(path)
     return load_folder(pipe, path, fuse=fuse, verify_base=verify_base, source=source)
 
 

@@ -351,3 +351,13 @@ def test_a_slow_server_delays_a_push_but_never_splits_it(step, demo_folder, tmp_
         hub.faults.clear()
     branches, _, commits = remote_state(hub, repo_id)
     assert branches["main"] == result.commit and commits == 2  # the initial commit and ours
+
+
+def test_one_rule_says_what_is_a_hub_repository(tmp_path, monkeypatch):
+    from erasepro_hub.hub.publish import looks_like_repo
+
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_repo("demo/van-gogh") and looks_like_repo("demo/van-gogh@v1")
+    assert not looks_like_repo("demo/a/b") and not looks_like_repo("./demo") and not looks_like_repo("-x/y")
+    (tmp_path / "demo" / "local").mkdir(parents=True)
+    assert not looks_like_repo("demo/local") and not looks_like_repo(tmp_path / "demo" / "local")

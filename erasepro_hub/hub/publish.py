@@ -17,7 +17,6 @@ logged or written anywhere by this module.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -242,5 +241,11 @@ def pull(ref: str, out: str | Path | None = None, *, overwrite: bool = False, to
     return result
 
 
-def looks_like_repo(ref: str) -> bool:
-    return bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@.+)?$", ref)) and not Path(ref.split("@")[0]).exists()
+def looks_like_repo(ref: str | Path) -> bool:
+    """Whether ``ref`` names a Hub repository (``user/name``, optionally ``@revision``) rather than a local path.
+
+    The one test every command and loader uses: a repository id by the manifest's rule (``HUB_ID_RE``)
+    that is not an existing path.
+    """
+    text = str(ref)
+    return bool(HUB_ID_RE.match(text.split("@", 1)[0])) and not Path(text).exists() and not Path(text.split("@", 1)[0]).exists()
