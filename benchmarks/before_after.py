@@ -29,7 +29,11 @@ from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.progressive import solve_erasure
 recipe = load_manifest(sys.argv[1]).recipe()
 base = E.load_base(recipe)
-plan = E.plan_from_recipe(recipe)
+try:  # where the tree under test keeps it
+    from erasepro_hub.recipe import plan_from_recipe
+except ImportError:
+    plan_from_recipe = E.plan_from_recipe
+plan = plan_from_recipe(recipe)
 variants = {"erasepro": plan, "uce": dataclasses.replace(plan, method="uce")}
 solve_erasure(base.model, plan)
 times = {k: [] for k in variants}

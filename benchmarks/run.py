@@ -128,6 +128,7 @@ def cold_erase(workdir: Path) -> dict:
 def solve_ratios(repeats: int) -> dict:
     """Solve times (weights loaded) of erasepro and uce on the same prompts, and one text-encoder pass."""
     from erasepro_hub import erase as E
+    from erasepro_hub import recipe as R
     from erasepro_hub.manifest import load_manifest
     from erasepro_hub.models.base import prompt_embeddings
     from erasepro_hub.models.progressive import solve_erasure
@@ -137,8 +138,8 @@ def solve_ratios(repeats: int) -> dict:
     start = time.perf_counter()
     base = E.load_base(recipe)
     load_s = time.perf_counter() - start
-    plan = E.plan_from_recipe(recipe)
-    uce = E.plan_from_recipe(recipe.model_copy(update={"method": "uce"}))
+    plan = R.plan_from_recipe(recipe)
+    uce = R.plan_from_recipe(recipe.model_copy(update={"method": "uce"}))
     variants = {
         "erasepro": plan,
         "uce": uce,
@@ -254,6 +255,7 @@ def _peak_rss_gb() -> float:
 def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     """One configuration, run in its own process (so that its peak memory is its own)."""
     from erasepro_hub import erase as E
+    from erasepro_hub import recipe as R
     from erasepro_hub.adapters.lora import to_state_dict
     from erasepro_hub.manifest import load_manifest, to_data
     from erasepro_hub.manifest.schema import Recipe
@@ -270,7 +272,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     data["solver"]["token_policy"] = policy
     recipe = Recipe.model_validate(data)
     base = E.load_base(recipe)
-    plan = E.plan_from_recipe(recipe)
+    plan = R.plan_from_recipe(recipe)
     import warnings
 
     start = time.perf_counter()

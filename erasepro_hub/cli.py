@@ -58,7 +58,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_regenerate(args: argparse.Namespace) -> int:
-    from .erase import regenerate, verify
+    from .verification import regenerate, verify
 
     bar, step = _solve_progress("regenerate")
     try:

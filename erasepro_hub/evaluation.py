@@ -20,13 +20,15 @@ import yaml
 
 from .adapters.apply import check_fingerprints
 from .adapters.folder import open_folder
-from .erase import LoadedBase, compute, drift_prompts, heldout_pairs, load_base, training_pairs, update_folder
+from .erase import LoadedBase, compute, load_base
 from .errors import ManifestError
 from .evaluate.features import feature_metrics
 from .evaluate.images import ImageOptions
 from .evaluate.prompt_sets import PromptSet, load_prompt_set
 from .manifest import Recipe, load_manifest, to_data
 from .naming import is_kv_key
+from .output import update_folder
+from .recipe import drift_prompts, heldout_pairs, training_pairs
 
 SUMMARY_KEYS = (
     "anchor_similarity",

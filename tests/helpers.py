@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from erasepro_hub.erase import training_pairs
+from erasepro_hub.recipe import training_pairs
 from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.prompts import Prompt, encode, pair_positions
 

@@ -176,11 +176,12 @@ def test_the_solver_and_the_metrics_pair_tokens_through_the_same_function(monkey
     """Every position the solver constrains and every position a residual is measured at comes from
     :func:`align`; for the training pairs both see the same token sequences and prefixes."""
     import yaml
-
     from conftest import DEMO
-    from erasepro_hub.erase import compute, training_pairs
+
+    from erasepro_hub.erase import compute
     from erasepro_hub.evaluate.features import feature_metrics
     from erasepro_hub.manifest import load_manifest, parse_manifest, to_data
+    from erasepro_hub.recipe import training_pairs
 
     data = to_data(load_manifest(DEMO))
     data["prompts"]["misspellings"] = False

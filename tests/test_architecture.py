@@ -79,7 +79,10 @@ def test_one_way_dependencies():
         "evaluate": ("erase", "cli", "api", "models.progressive"),
         "layout": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest", "solver", "api"),
         "testing": ("models", "erase", "cli", "adapters", "cards", "hub", "evaluate", "manifest", "solver"),
-        "erase": ("cli",),
+        "erase": ("cli", "verification", "evaluation", "api"),
+        "recipe": ("erase", "output", "verification", "evaluation", "cli", "api", "adapters", "hub", "cards"),
+        "computation": ("erase", "output", "verification", "recipe", "models", "cli", "api"),
+        "output": ("erase", "verification", "evaluation", "cli", "api", "hub"),
     }
     for sub, banned in forbidden.items():
         for path in files(sub):

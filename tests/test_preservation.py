@@ -6,18 +6,18 @@ import logging
 
 import pytest
 import torch
+from conftest import DEMO
 
 from erasepro_hub import banks
-from erasepro_hub.erase import compute, prompt_templates, resolve_recipe
+from erasepro_hub.erase import compute
 from erasepro_hub.errors import ManifestError
 from erasepro_hub.manifest import load_manifest, parse_manifest, to_data
 from erasepro_hub.models import preservation
-from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.models.base import prompt_embeddings
+from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.models.progressive import FINAL_STAGE
 from erasepro_hub.models.prompts import Prompt
-
-from conftest import DEMO
+from erasepro_hub.recipe import prompt_templates, resolve_recipe
 
 
 def test_banks_and_captions_ship_with_the_package():
@@ -121,8 +121,8 @@ def test_an_unwritable_cache_still_solves(tmp_path, monkeypatch, caplog):
 
 def test_the_caption_set_keeps_unrelated_prompts_in_place():
     """The same erasure with and without the default caption set: unrelated prompts move less with it."""
-    from erasepro_hub.erase import drift_prompts, training_pairs
     from erasepro_hub.evaluate.features import feature_metrics
+    from erasepro_hub.recipe import drift_prompts, training_pairs
 
     base = load_manifest(DEMO).recipe()
     data = to_data(base)

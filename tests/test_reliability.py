@@ -285,7 +285,7 @@ def test_adapter_for_another_base_is_refused_before_anything_changes(demo_folder
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import erasepro_hub.erase as E
+    import erasepro_hub.output as E
     real = E.write_card
     def die(*args, **kwargs):
         real(*args, **kwargs)            # every file of the folder is written ...
