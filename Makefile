@@ -27,10 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# A fast subset while working (solver, manifest, alignment, adapters, card goldens, import rules);
+# A fast subset while working (solver, manifest, alignment, adapters, card goldens, import rules, stage solve);
 # `make test` stays the full suite.
 FAST_TESTS := tests/test_solver.py tests/test_manifest.py tests/test_alignment.py tests/test_adapters.py \
-	tests/test_cards.py tests/test_architecture.py
+	tests/test_cards.py tests/test_architecture.py tests/test_progressive.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(FAST_TESTS)

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ class ErasurePlan:
     method: str
     pairs: tuple[PromptPair, ...]
     soft_pairs: tuple[PromptPair, ...] = ()  # misspelled targets, kept near their anchors (weight soft_weight)
-    soft_weight: float = 1.0
+    soft_weight: float = 0.1
     preserve: tuple[Prompt, ...] = ()
     captions: tuple[Prompt, ...] = ()  # the default preserve set (soft, weight caption_weight)
     caption_weight: float = 0.1
@@ -158,18 +159,6 @@ class _Tokens:
 
 
 # ----------------------------------------------------------------------------- hooks
-@contextmanager
-def _hooks(registrations: Sequence[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
-    handles = []
-    try:
-        for register in registrations:
-            handles.append(register())
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _tensor_output(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -325,37 +314,75 @@ def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:
     """Through the original encoder: what each stage's targets need, and the anchors' prompt embedding."""
     captured: dict[str, torch.Tensor] = {}
-    registrations = []
-    for stage in stages:
-        pos = tokens.eos_positions if stage.eos else tokens.positions
-        layer = te.layers[stage.layer]
-        if stage.mode == "site":
-            module = te.site_module(stage.layer, stage.site)
 
-            def site_hook(mod, args, output, stage=stage, pos=pos):
-                out = _gather(output, pos.a_rows, pos.a_pos)
-                bias = _bias(mod)
-                captured[stage.name] = out - bias if bias is not None else out
+    def site_hook(stage: _Stage, pos: PairPositions, mod, args, output):
+        out = _gather(output, pos.a_rows, pos.a_pos)
+        bias = _bias(mod)
+        captured[stage.name] = out - bias if bias is not None else out
 
-            registrations.append(lambda m=module, h=site_hook: m.register_forward_hook(h))
-        else:  # stream: the residual-stream value the anchor prompts produce at this point
-            where, kind = te.arch.stream[stage.site].anchor
-            point = get_module(layer, where)
-            if kind == "output":
+    def out_hook(stage: _Stage, pos: PairPositions, mod, args, output):
+        captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
 
-                def out_hook(mod, args, output, stage=stage, pos=pos):
-                    captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
+    def in_hook(stage: _Stage, pos: PairPositions, mod, args):
+        captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
 
-                registrations.append(lambda m=point, h=out_hook: m.register_forward_hook(h))
-            else:
-
-                def in_hook(mod, args, stage=stage, pos=pos):
-                    captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
-
-                registrations.append(lambda m=point, h=in_hook: m.register_forward_pre_hook(h))
-    with _hooks(registrations):
+    with ExitStack() as hooks:
+        for stage in stages:
+            pos = tokens.eos_positions if stage.eos else tokens.positions
+            if stage.mode == "site":  # what the site itself output for the anchors
+                handle = te.site_module(stage.layer, stage.site).register_forward_hook(partial(site_hook, stage, pos))
+            else:  # stream: the residual-stream value the anchor prompts produce at this point
+                where, kind = te.arch.stream[stage.site].anchor
+                point = get_module(te.layers[stage.layer], where)
+                if kind == "output":
+                    handle = point.register_forward_hook(partial(out_hook, stage, pos))
+                else:
+                    handle = point.register_forward_pre_hook(partial(in_hook, stage, pos))
+            hooks.callback(handle.remove)
         embeds, _ = run_encoder(te, ids)
     return captured, embeds
+
+
+@dataclass(frozen=True)
+class _StageInputs:
+    """What one stage's solve reads, gathered from the forward pass at its site.
+
+    ``X``/``WX``: the constrained target rows' site inputs and ``W x`` (bias removed), soft pairs included
+    (split later); ``P``/``WP``: the preserve prompts' (``d × M``, or ``None``); ``residual``: the
+    residual-stream input of the layer at the target rows (``stream`` mode), else ``None``.
+    """
+
+    X: torch.Tensor
+    WX: torch.Tensor
+    P: torch.Tensor | None
+    WP: torch.Tensor | None
+    residual: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _solve_stage(
+    stage: _Stage,
+    weight: torch.Tensor,
+    inputs: _StageInputs,
+    anchor: torch.Tensor,
+    soft: torch.Tensor,
+    plan: ErasurePlan,
+    caption_summary: torch.Tensor | None,
+):
+    """One text-encoder stage: the wanted outputs from the anchor capture, the shared factorisation, the solve."""
+    if stage.mode == "site":
+        T = anchor.double()
+    else:  # the site must output what makes the layer's residual stream equal the anchor's
+        T = anchor.double() - inputs.residual.double()
+        if inputs.bias is not None:
+            T = T - inputs.bias.double()
+    X, V = _split(inputs.X, soft)
+    fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V)
+    (WX, WV), (T, T_soft) = _split(inputs.WX, soft), _split(T, soft)
+    return solve(
+        fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
+        T_soft=T_soft, WV=WV,
+    )
 
 
 def _target_pass(
@@ -369,54 +396,47 @@ def _target_pass(
     recorder: _Recorder,
     summaries: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """Targets + preserve prompts through the encoder, solving each stage as the forward pass reaches it."""
-    registrations = []
+    """Targets + preserve prompts through the encoder, solving each stage as the forward pass reaches it.
+
+    The hooks only gather and apply: at a stage's site, the forward hook gathers what :func:`_solve_stage`
+    reads, and adds the solved update to the site's output so that deeper stages see the edited model.
+    """
     stash: dict[str, torch.Tensor] = {}
-    for stage in stages:
+
+    def stash_hook(stage: _Stage, index: int, mod, args):
+        stash[stage.name] = args[index]
+
+    def solve_hook(stage: _Stage, mod, args, output):
         pos = tokens.eos_positions if stage.eos else tokens.positions
-        soft = tokens.soft_eos if stage.eos else tokens.soft
         p_rows, p_pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
-        layer = te.layers[stage.layer]
-        module = te.site_module(stage.layer, stage.site)
-        if stage.mode == "stream":
-            where, index = te.arch.stream[stage.site].residual
+        x = args[0]
+        # the forward pass already computed W x + b for every row: reuse it for W X and W P
+        bias = _bias(mod)
+        plain = output - bias if bias is not None else output
+        has_p = bool(p_rows.numel())
+        inputs = _StageInputs(
+            X=_gather(x, pos.t_rows, pos.t_pos).double(),
+            WX=_gather(plain, pos.t_rows, pos.t_pos).double(),
+            P=_gather(x, p_rows + n_targets, p_pos).double().T if has_p else None,
+            WP=_gather(plain, p_rows + n_targets, p_pos).double().T if has_p else None,
+            residual=_gather(stash.pop(stage.name), pos.t_rows, pos.t_pos) if stage.mode == "stream" else None,
+            bias=bias,
+        )
+        soft = tokens.soft_eos if stage.eos else tokens.soft
+        result = _solve_stage(stage, mod.weight, inputs, anchor_caps[stage.name], soft, plan, summaries.get(stage.name))
+        recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
+        recorder.stage_done(stage.name)
+        factors = result.delta.to(plan.factor_dtype)
+        return output + factors.apply(x.to(plan.factor_dtype)).to(output.dtype)
 
-            def stash_hook(mod, args, stage=stage, index=index):
-                stash[stage.name] = args[index]
-
-            point = get_module(layer, where)
-            registrations.append(lambda m=point, h=stash_hook: m.register_forward_pre_hook(h))
-
-        def solve_hook(mod, args, output, stage=stage, pos=pos, soft=soft, p_rows=p_rows, p_pos=p_pos):
-            x = args[0]
-            columns = _gather(x, pos.t_rows, pos.t_pos).double()
-            P = _gather(x, p_rows + n_targets, p_pos).double().T if p_rows.numel() else None
-            # the forward pass already computed W x + b for every row: reuse it for W X and W P
-            bias = _bias(mod)
-            plain = output - bias if bias is not None else output
-            W_columns = _gather(plain, pos.t_rows, pos.t_pos).double()
-            WP = _gather(plain, p_rows + n_targets, p_pos).double().T if P is not None else None
-            if stage.mode == "site":
-                T = anchor_caps[stage.name].double()
-            else:
-                base = _gather(stash.pop(stage.name), pos.t_rows, pos.t_pos)
-                T = anchor_caps[stage.name].double() - base.double()
-                if bias is not None:
-                    T = T - bias.double()
-            X, V = _split(columns, soft)
-            fact = _factorize(plan, X, P, soft=summaries.get(stage.name), soft_targets=V)
-            (WX, WV), (T, T_soft) = _split(W_columns, soft), _split(T, soft)
-            result = solve(
-                fact, mod.weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=WP,
-                T_soft=T_soft, WV=WV,
-            )
-            recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
-            recorder.stage_done(stage.name)
-            factors = result.delta.to(plan.factor_dtype)
-            return output + factors.apply(x.to(plan.factor_dtype)).to(output.dtype)
-
-        registrations.append(lambda m=module, h=solve_hook: m.register_forward_hook(h))
-    with _hooks(registrations):
+    with ExitStack() as hooks:
+        for stage in stages:
+            if stage.mode == "stream":
+                where, index = te.arch.stream[stage.site].residual
+                point = get_module(te.layers[stage.layer], where)
+                hooks.callback(point.register_forward_pre_hook(partial(stash_hook, stage, index)).remove)
+            module = te.site_module(stage.layer, stage.site)
+            hooks.callback(module.register_forward_hook(partial(solve_hook, stage)).remove)
         embeds, _ = run_encoder(te, ids)
     return embeds
 

@@ -1,0 +1,52 @@
+"""The progressive driver's stage solve, directly (the driver end to end is covered by the erasure tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from erasepro_hub.models.progressive import ErasurePlan, _Stage, _StageInputs, _solve_stage
+from erasepro_hub.models.prompts import PromptPair
+
+PLAN = ErasurePlan(method="erasepro", pairs=(PromptPair("Van Gogh", "art"),), preserve_mode="none")
+
+
+def _problem(seed: int = 0, n: int = 4, d: int = 12, m: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, d, generator=g, dtype=torch.float64)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)  # rows, as the hook gathers them
+    return W, X, torch.randn(n, m, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+
+
+def test_site_mode_meets_the_anchor_outputs_exactly():
+    W, X, anchor, _ = _problem()
+    stage = _Stage("s", layer=1, site="mlp.fc2", mode="site", eos=False)
+    inputs = _StageInputs(X=X, WX=X @ W.T, P=None, WP=None, residual=None, bias=None)
+    result = _solve_stage(stage, W, inputs, anchor, torch.zeros(len(X), dtype=torch.bool), PLAN, None)
+    edited = X @ (W + result.delta.dense()).T
+    assert torch.allclose(edited, anchor, atol=1e-10) and result.report.residual < 1e-10
+
+
+def test_stream_mode_makes_the_residual_stream_equal_the_anchors():
+    """residual + (W' x + b) = anchor stream: the site's output is whatever closes the gap."""
+    W, X, anchor_stream, b = _problem(1)
+    residual = torch.randn(len(X), W.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stage = _Stage("s", layer=1, site="mlp.fc2", mode="stream", eos=False)
+    inputs = _StageInputs(X=X, WX=X @ W.T, P=None, WP=None, residual=residual, bias=b)
+    result = _solve_stage(stage, W, inputs, anchor_stream, torch.zeros(len(X), dtype=torch.bool), PLAN, None)
+    stream = residual + X @ (W + result.delta.dense()).T + b
+    assert torch.allclose(stream, anchor_stream, atol=1e-10)
+
+
+def test_soft_rows_are_not_constraints():
+    W, X, anchor, _ = _problem(2, n=5)
+    soft = torch.tensor([False, False, False, True, True])
+    stage = _Stage("s", layer=1, site="mlp.fc2", mode="site", eos=False)
+    inputs = _StageInputs(X=X, WX=X @ W.T, P=None, WP=None, residual=None, bias=None)
+    result = _solve_stage(stage, W, inputs, anchor, soft, PLAN, None)
+    edited = X @ (W + result.delta.dense()).T
+    assert torch.allclose(edited[~soft], anchor[~soft], atol=1e-10)  # exact where constrained
+    assert result.report.n_targets == 3
+    # the soft rows move towards their targets, not onto them
+    before = (X[soft] @ W.T - anchor[soft]).norm()
+    after = (edited[soft] - anchor[soft]).norm()
+    assert 0 < after < before
