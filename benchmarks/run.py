@@ -256,7 +256,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     """One configuration, run in its own process (so that its peak memory is its own)."""
     from erasepro_hub import erase as E
     from erasepro_hub import recipe as R
-    from erasepro_hub.adapters.lora import to_state_dict
+    from erasepro_hub.adapters.lora import stored_deltas, to_state_dict
     from erasepro_hub.manifest import load_manifest, to_data
     from erasepro_hub.manifest.schema import Recipe
     from erasepro_hub.models.progressive import solve_erasure
@@ -280,7 +280,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
         warnings.simplefilter("ignore")
         sol = solve_erasure(base.model, plan)
     seconds = time.perf_counter() - start
-    state = to_state_dict(E.stored_deltas(sol.deltas, "lora", torch.float32))
+    state = to_state_dict(stored_deltas(sol.deltas, "lora", torch.float32))
     te = [s.report for s in sol.sites if not s.key.startswith("unet.")]
     kv = [s.report for s in sol.sites if s.key.startswith("unet.")]
     return {

@@ -12,13 +12,12 @@ from typing import Callable
 
 import torch
 
-from .adapters.lora import dense_as_lora
+from .adapters.lora import stored_deltas
 from .computation import Computation, LoadedBase
 from .errors import EraseProError
 from .fsutil import check_output
 from .manifest import BaseModelRef, Manifest, Recipe, load_manifest
 from .recipe import drift_prompts, heldout_pairs, plan_from_recipe, resolve_recipe, training_pairs
-from .solver import LowRankDelta
 
 #: The embedded models are built in code by this project.
 BUILTIN_LICENSE = "apache-2.0"
@@ -58,16 +57,6 @@ def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
 
 
 # ----------------------------------------------------------------------------- compute
-def stored_deltas(deltas: dict[str, LowRankDelta], fmt: str, dtype: torch.dtype) -> dict[str, LowRankDelta]:
-    """The deltas exactly as the adapter file holds them (format and dtype applied)."""
-    out = {}
-    for key, delta in deltas.items():
-        if delta.rank == 0:
-            continue
-        out[key] = (dense_as_lora(delta) if fmt == "dense" else delta).to(dtype)
-    return out
-
-
 def compute(
     recipe: Recipe, *, device: str = "cpu", progress: Callable[[str], None] | None = None, base: LoadedBase | None = None
 ) -> Computation:

@@ -70,20 +70,28 @@ def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
     return LowRankDelta(dense, torch.eye(d, dtype=torch.float64))
 
 
+def stored_deltas(
+    deltas: Mapping[str, LowRankDelta], fmt: str = "lora", dtype: torch.dtype = torch.float32
+) -> dict[str, LowRankDelta]:
+    """The deltas exactly as an adapter file holds them: zero updates left out, the format and dtype applied."""
+    if fmt not in ("lora", "dense"):
+        raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
+    return {
+        key: (dense_as_lora(delta) if fmt == "dense" else delta).to(dtype)
+        for key, delta in deltas.items()
+        if delta.rank
+    }
+
+
 def to_state_dict(
     deltas: Mapping[str, LowRankDelta], *, fmt: str = "lora", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """LoRA tensors for every non-zero delta, keyed by ``<site>.lora_{A,B}.weight``."""
-    if fmt not in ("lora", "dense"):
-        raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
     state: dict[str, torch.Tensor] = {}
-    for key, delta in deltas.items():
-        if delta.rank == 0:
-            continue
-        stored = dense_as_lora(delta) if fmt == "dense" else delta
+    for key, stored in stored_deltas(deltas, fmt, dtype).items():
         a_key, b_key = factor_keys(key)
-        state[a_key] = stored.A.to(dtype).contiguous().cpu()
-        state[b_key] = stored.B.to(dtype).contiguous().cpu()
+        state[a_key] = stored.A.contiguous().cpu()
+        state[b_key] = stored.B.contiguous().cpu()
     return state
 
 
