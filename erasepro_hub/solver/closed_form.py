@@ -277,7 +277,7 @@ def factorize_zero_residual(
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
         r = _rank(s, rtol)
-        return _finish(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
+        return _zero_residual_factorization(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
     if V is None:
         return fact
     A_soft = (soft_target_weight * solve_m(V)).T.contiguous()
@@ -285,7 +285,7 @@ def factorize_zero_residual(
     return replace(fact, soft_targets=targets)
 
 
-def _finish(
+def _zero_residual_factorization(
     X: Tensor,
     P: Tensor | None,
     A: Tensor,
@@ -343,7 +343,7 @@ def _factorize_wide(
     U = U[:, :r]
     V = (system.T @ U) / s[:r]
     A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T
-    fact = _finish(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
+    fact = _zero_residual_factorization(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
     return fact, (lambda Y: Y if L is None else torch.cholesky_solve(Y, L))
 
 
@@ -370,7 +370,7 @@ def _factorize_soft(
     s = values.sqrt()  # singular values of M^{-1/2} system
     r = _rank(s, rtol)
     V = V[:, :r]
-    return _finish(X, P, ((Z @ V) / s[:r]).T, V, s, r, system.shape[1], preserve_mode, rtol, ridge), solve_m
+    return _zero_residual_factorization(X, P, ((Z @ V) / s[:r]).T, V, s, r, system.shape[1], preserve_mode, rtol, ridge), solve_m
 
 
 def factorize_uce(
