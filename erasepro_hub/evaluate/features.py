@@ -136,27 +136,31 @@ def _own_mask(encoded: Encoded) -> torch.Tensor:
     return positions[None, :] <= torch.tensor(encoded.eos)[:, None]
 
 
+def _pool(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the positions ``mask`` selects (``None``: the whole window)."""
+    return k.mean(1) if mask is None else (k * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
 def pooled_similarity(
     model: EditModel,
     x: torch.Tensor,
     x_deltas: Mapping[str, LowRankDelta],
-    x_mask: torch.Tensor | None,
     y: torch.Tensor,
-    y_mask: torch.Tensor | None,
-) -> torch.Tensor:
+    masks: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
+) -> list[torch.Tensor]:
     """Per prompt: the cosine between the mean-pooled ``K'(x)`` and ``K(y)``, averaged over every K/V site.
 
-    ``x``, ``y``: ``(n, L, D)`` prompt embeddings; ``x_deltas``: the K/V deltas applied to ``x``;
-    a mask ``(n, L)`` selects the positions pooled (``None``: the whole window).
+    ``x``, ``y``: ``(n, L, D)`` prompt embeddings; ``x_deltas``: the K/V deltas applied to ``x``. One result per
+    ``(x_mask, y_mask)`` in ``masks``; a mask ``(n, L)`` selects the positions pooled (``None``: the whole
+    window). K and V are computed once for every pooling.
     """
-    sims = []
+    sims: list[list[torch.Tensor]] = [[] for _ in masks]
     for key, weight in model.kv_weights.items():
         kx = _kv(weight, x_deltas.get(key), x).double()
         ky = _kv(weight, None, y).double()
-        px = kx.mean(1) if x_mask is None else (kx * x_mask[..., None]).sum(1) / x_mask.sum(1, keepdim=True)
-        py = ky.mean(1) if y_mask is None else (ky * y_mask[..., None]).sum(1) / y_mask.sum(1, keepdim=True)
-        sims.append(torch.nn.functional.cosine_similarity(px, py, dim=-1))
-    return torch.stack(sims).mean(0)
+        for out, (x_mask, y_mask) in zip(sims, masks):
+            out.append(torch.nn.functional.cosine_similarity(_pool(kx, x_mask), _pool(ky, y_mask), dim=-1))
+    return [torch.stack(values).mean(0) for values in sims]
 
 
 @dataclass(frozen=True)
@@ -206,13 +210,9 @@ def measure_pairs(
     anchors, anchor_mask = orig[index], _own_mask(enc_a[0])[index]
     target_mask = _own_mask(enc_t[0])
     unedited, _ = _embeddings(model, enc_t)
-    return PairMeasures(
-        residuals,
-        pooled,
-        pooled_similarity(model, edit, deltas, target_mask, anchors, anchor_mask),
-        pooled_similarity(model, edit, deltas, None, anchors, None),
-        pooled_similarity(model, unedited, {}, target_mask, anchors, anchor_mask),
-    )
+    own, window = pooled_similarity(model, edit, deltas, anchors, [(target_mask, anchor_mask), (None, None)])
+    (no_edit,) = pooled_similarity(model, unedited, {}, anchors, [(target_mask, anchor_mask)])
+    return PairMeasures(residuals, pooled, own, window, no_edit)
 
 
 @dataclass(frozen=True)
@@ -238,12 +238,8 @@ def measure_prompts(model: EditModel, deltas: Mapping[str, LowRankDelta], prompt
     groups = {"all": torch.ones_like(per_row), "concepts": per_row, "unrelated": ~per_row}
     drift = _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos], groups)
     mask = _own_mask(enc[0])
-    return PromptMeasures(
-        drift,
-        pooled_similarity(model, edit, deltas, mask, orig, mask),
-        pooled_similarity(model, edit, deltas, None, orig, None),
-        templated,
-    )
+    own, window = pooled_similarity(model, edit, deltas, orig, [(mask, mask), (None, None)])
+    return PromptMeasures(drift, own, window, templated)
 
 
 def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[str, float]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..adapters.folder import open_folder
+from ..adapters.folder import ErasureFolder, open_folder
 from ..errors import EraseProError, HubError, ManifestError
 from ..fsutil import atomic_folder, check_output
 from ..layout import CARD_FILE, MANIFEST_FILE, PLOT_FILE
@@ -120,9 +120,8 @@ def hub_errors(step: str, repo_id: str) -> Iterator[None]:
         raise
 
 
-def publish_files(folder: Path) -> list[str]:
+def publish_files(opened: ErasureFolder) -> list[str]:
     """The files of a release: the manifest, every file it hashes, the card and its plot."""
-    opened = open_folder(folder)
     assert opened.manifest.outputs is not None
     names = [MANIFEST_FILE, *opened.manifest.outputs.files, CARD_FILE, PLOT_FILE]
     return list(dict.fromkeys(names))
@@ -150,7 +149,7 @@ def push(
     opened = open_folder(folder)  # refuses a folder whose files do not match the manifest's hashes
     branch = branch or "main"
     api = HfApi(token=token)
-    names = publish_files(folder)
+    names = publish_files(opened)
     with hub_errors("create_repo", repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if branch != "main":

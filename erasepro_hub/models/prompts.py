@@ -255,10 +255,15 @@ def align(target: Sequence[int], anchor: Sequence[int], *, window: int, prefix: 
     return Alignment(prefix, len(target) - suffix, len(anchor) - suffix, len(target), len(anchor), window)
 
 
-def policy_parts(policy: str, *, causal: bool) -> tuple[str, ...]:
-    """The alignment parts a token policy constrains (the prefix only where the encoder is bidirectional)."""
+def _known(policy: str) -> str:
     if policy not in POLICIES:
         raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy
+
+
+def policy_parts(policy: str, *, causal: bool) -> tuple[str, ...]:
+    """The alignment parts a token policy constrains (the prefix only where the encoder is bidirectional)."""
+    _known(policy)
     parts = _POLICY_PARTS.get(policy, ())
     if policy in ("concept-eos", "concept-suffix") and not causal:
         parts = (PREFIX, *parts)
@@ -327,9 +332,7 @@ def pair_positions(
 
 def single_rule(policy: str) -> str:
     """Which positions :func:`single_positions` keeps under ``policy``: ``eos``, ``last-token`` or ``window``."""
-    if policy not in POLICIES:
-        raise PromptError(f"unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return policy if policy in ("eos", "last-token") else "window"
+    return policy if _known(policy) in ("eos", "last-token") else "window"
 
 
 def single_positions(policy: str, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:

@@ -495,17 +495,16 @@ def solve(
             correction = torch.cat([correction, R_full[:, -extra:] - B @ fact.AP], dim=1)
         B = B + correction @ fact.right
     # the update's factors: the soft-target part first, then the exact part (left out when it is all zero)
-    if soft is None:
-        parts = [(B, fact.A, fact.AX, fact.AP)]
+    if soft is None:  # down = A: its Gram matrix is shared by every site
+        A, AX, AP, gram = fact.A, fact.AX, fact.AP, fact.gram
     elif already_met:
-        parts = [(B_soft, soft.A, soft.AX, soft.AP)]
-    else:
-        parts = [(B_soft, soft.A, soft.AX, soft.AP), (B, fact.A, fact.AX, fact.AP)]
-    B = torch.cat([p[0] for p in parts], dim=1)
-    A = parts[0][1] if len(parts) == 1 else fact.down
-    AX = torch.cat([p[2] for p in parts])
-    AP = torch.cat([p[3] for p in parts]) if fact.P is not None else None
-    gram = fact.gram if A is fact.down else A @ A.T
+        B, A, AX, AP = B_soft, soft.A, soft.AX, soft.AP
+        gram = A @ A.T
+    else:  # down = [A_soft; A], shared
+        B = torch.cat([B_soft, B], dim=1)
+        A, gram = fact.down, fact.gram
+        AX = torch.cat([soft.AX, fact.AX])
+        AP = torch.cat([soft.AP, fact.AP]) if fact.P is not None else None
     # nothing to change (the inputs already give the targets, bit for bit): the zero update, rank 0
     delta = LowRankDelta(B.contiguous(), A).compact() if torch.any(B) else LowRankDelta.zeros(m, d)
 
