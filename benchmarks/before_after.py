@@ -34,7 +34,7 @@ try:  # where the tree under test keeps it
 except ImportError:
     plan_from_recipe = E.plan_from_recipe
 plan = plan_from_recipe(recipe)
-variants = {"erasepro": plan, "uce": dataclasses.replace(plan, method="uce")}
+variants = {"erasepro": plan, "uce": plan_from_recipe(recipe.model_copy(update={"method": "uce"}))}
 solve_erasure(base.model, plan)
 times = {k: [] for k in variants}
 for _ in range(int(sys.argv[2])):

@@ -125,6 +125,11 @@ def cold_erase(workdir: Path) -> dict:
     }
 
 
+def without_preservation(recipe):
+    """The recipe with neither preserve prompts nor the default caption set."""
+    return recipe.model_copy(update={"preserve": recipe.preserve.model_copy(update={"mode": "none", "captions": "none"})})
+
+
 def solve_ratios(repeats: int) -> dict:
     """Solve times (weights loaded) of erasepro and uce on the same prompts, and one text-encoder pass."""
     from erasepro_hub import erase as E
@@ -144,8 +149,8 @@ def solve_ratios(repeats: int) -> dict:
         "erasepro": plan,
         "uce": uce,
         "erasepro_no_captions": dataclasses.replace(plan, captions=()),
-        "erasepro_no_preserve": dataclasses.replace(plan, preserve=(), captions=(), preserve_mode="none"),
-        "uce_no_preserve": dataclasses.replace(uce, preserve=(), preserve_mode="none"),
+        "erasepro_no_preserve": R.plan_from_recipe(without_preservation(recipe)),
+        "uce_no_preserve": R.plan_from_recipe(without_preservation(recipe).model_copy(update={"method": "uce"})),
     }
     anchors = list(dict.fromkeys((p.anchor, p.prefix) for p in plan.pairs))
     from erasepro_hub.models.prompts import Prompt

@@ -71,35 +71,15 @@ def drift_prompts(recipe: Recipe):
 
 
 def plan_from_recipe(recipe: Recipe):
-    """The solver's plan: the prompts above and every solver setting of the recipe."""
-    from .models.loading import DTYPES
+    """The solver's plan: the prompts above, with the recipe itself passed through for every setting."""
     from .models.progressive import ErasurePlan
 
     return ErasurePlan(
-        method=recipe.method,
+        recipe=recipe,
         pairs=tuple(training_pairs(recipe)),
         soft_pairs=tuple(misspelled_pairs(recipe)),
-        soft_weight=recipe.prompts.misspelling_weight,
-        preserve=tuple(preserve_prompts(recipe)) if recipe.preserve.mode != "none" else (),
+        preserve=tuple(preserve_prompts(recipe)),
         captions=tuple(preserve_captions(recipe)),
-        caption_weight=recipe.preserve.caption_weight,
-        token_policy=recipe.solver.token_policy,
-        surplus=recipe.solver.surplus,
-        te_site=recipe.text_encoder.site,
-        te_first_layer=recipe.text_encoder.first_layer,
-        te_depth=recipe.text_encoder.depth,
-        te_target_mode=recipe.text_encoder.target_mode,
-        pooled=recipe.text_encoder.pooled,
-        preserve_mode=recipe.preserve.mode,
-        preserve_weight=recipe.preserve.weight,
-        rank_rtol=recipe.solver.rank_rtol,
-        ridge=recipe.solver.ridge,
-        residual_tol=recipe.solver.residual_tol,
-        strict=recipe.solver.strict,
-        uce_lam=recipe.uce.lam,
-        uce_erase_scale=recipe.uce.erase_scale,
-        uce_preserve_scale=recipe.uce.preserve_scale,
-        factor_dtype=DTYPES[recipe.adapter.dtype],
     )
 
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from erasepro_hub.models.progressive import ErasurePlan, _Stage, _StageInputs, _solve_stage
-from erasepro_hub.models.prompts import PromptPair
+from conftest import REPO
 
-PLAN = ErasurePlan(method="erasepro", pairs=(PromptPair("Van Gogh", "art"),), preserve_mode="none")
+from erasepro_hub.manifest import load_manifest
+from erasepro_hub.models.progressive import _Stage, _StageInputs, _solve_stage
+from erasepro_hub.recipe import plan_from_recipe
+
+_DEMO = load_manifest(REPO / "manifests" / "demo.yaml").recipe()
+PLAN = plan_from_recipe(_DEMO.model_copy(update={"preserve": _DEMO.preserve.model_copy(update={"mode": "none"})}))
+
+
+def test_the_plan_reads_the_recipe_it_was_built_from():
+    """No copy of the settings: the plan holds the recipe object itself, and the schema's defaults."""
+    plan = plan_from_recipe(_DEMO)
+    assert plan.recipe is _DEMO and plan.method == _DEMO.method
+    assert plan.preserve and plan.pairs
+    assert PLAN.preserve == () and PLAN.recipe.preserve.mode == "none"
 
 
 def _problem(seed: int = 0, n: int = 4, d: int = 12, m: int = 7):

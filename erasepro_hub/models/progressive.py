@@ -36,25 +36,17 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import ManifestError, PromptError
-from ..solver import (
-    DEFAULT_RESIDUAL_TOL,
-    DEFAULT_RTOL,
-    LowRankDelta,
-    SolveReport,
-    factorize_uce,
-    factorize_zero_residual,
-    solve,
-)
+from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve
 from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
+from .loading import DTYPES
 from .preservation import caption_summaries
 from .prompts import (
-    DEFAULT_SURPLUS,
     Encoded,
     PairPositions,
     Prompt,
@@ -69,40 +61,47 @@ logger = logging.getLogger(__name__)
 FINAL_STAGE = "unet.cross_attention"
 
 
-@dataclass(frozen=True)
-class ErasurePlan:
-    """Everything the driver needs, as plain values (the manifest layer builds it)."""
+class RecipeSettings(Protocol):
+    """What the driver reads of a recipe: the manifest's frozen ``Recipe`` satisfies it as it is."""
 
     method: str
+    prompts: Any  # misspelling_weight
+    preserve: Any  # mode, weight, caption_weight
+    text_encoder: Any  # site, first_layer, depth, target_mode, pooled
+    solver: Any  # token_policy, surplus, rank_rtol, ridge, residual_tol, strict
+    uce: Any  # lam, erase_scale, preserve_scale
+    adapter: Any  # dtype
+
+
+@dataclass(frozen=True)
+class ErasurePlan:
+    """What the driver solves: the prompts a recipe spells out, and the recipe itself for every setting.
+
+    ``recipe`` is passed through unchanged (the driver reads ``plan.recipe.solver.rank_rtol``,
+    ``plan.recipe.text_encoder.depth``, …), so the schema is the one place that holds settings and their
+    defaults. :func:`erasepro_hub.recipe.plan_from_recipe` builds the plan.
+    """
+
+    recipe: RecipeSettings
     pairs: tuple[PromptPair, ...]
-    soft_pairs: tuple[PromptPair, ...] = ()  # misspelled targets, kept near their anchors (weight soft_weight)
-    soft_weight: float = 0.1
-    preserve: tuple[Prompt, ...] = ()
-    captions: tuple[Prompt, ...] = ()  # the default preserve set (soft, weight caption_weight)
-    caption_weight: float = 0.1
-    token_policy: str = "concept-eos"
-    surplus: str = DEFAULT_SURPLUS
-    te_site: str = "mlp.fc2"
-    te_first_layer: int = 1
-    te_depth: int | None = None
-    te_target_mode: str = "stream"
-    pooled: str = "match"
-    preserve_mode: str = "soft"
-    preserve_weight: float = 0.1
-    rank_rtol: float = DEFAULT_RTOL
-    ridge: float = 0.0
-    residual_tol: float = DEFAULT_RESIDUAL_TOL
-    strict: bool = False
-    uce_lam: float = 0.5
-    uce_erase_scale: float = 1.0
-    uce_preserve_scale: float = 1.0
-    factor_dtype: torch.dtype = torch.float32
+    soft_pairs: tuple[PromptPair, ...] = ()  # misspelled targets, kept near their anchors (soft)
+    preserve: tuple[Prompt, ...] = ()  # the manifest's preserve prompts
+    captions: tuple[Prompt, ...] = ()  # the default preserve set (soft)
 
     def __post_init__(self) -> None:
         if self.method not in ("erasepro", "erasepro-kv", "uce"):
             raise ManifestError(f"method: unknown method {self.method!r}; choose erasepro, erasepro-kv or uce")
         if not self.pairs:
             raise ManifestError("concepts: at least one target → anchor concept is needed")
+
+    @property
+    def method(self) -> str:
+        return self.recipe.method
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The adapter's dtype: ``ΔW x`` is applied with factors in it, as the loaded pipeline will."""
+        return DTYPES[self.recipe.adapter.dtype]
 
 
 @dataclass(frozen=True)
@@ -180,12 +179,12 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
         enc_t.append(t)
         enc_a.append(a)
         causal = te.arch.causal
-        positions.append(pair_positions(plan.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.surplus))
+        positions.append(pair_positions(plan.recipe.solver.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.recipe.solver.surplus))
         eos_positions.append(pair_positions("eos", pairs, t, a, anchor_rows, causal=causal))
         if plan.preserve:
             p = encode(te.tokenizer, plan.preserve)
             enc_p.append(p)
-            pres.append(single_positions(plan.token_policy, p))
+            pres.append(single_positions(plan.recipe.solver.token_policy, p))
             pres_eos.append(single_positions("eos", p))
     for other in positions[1:]:
         if not other.equals(positions[0]):
@@ -216,8 +215,8 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
         return stages
     for te in model.text_encoders:
         usable = te.embed_layers
-        first = min(plan.te_first_layer, usable - 1)
-        depth = usable - first if plan.te_depth is None else plan.te_depth
+        first = min(plan.recipe.text_encoder.first_layer, usable - 1)
+        depth = usable - first if plan.recipe.text_encoder.depth is None else plan.recipe.text_encoder.depth
         if first + depth > usable:
             raise ManifestError(
                 f"text_encoder.depth: {depth} layers from layer {first} exceed the {usable} layers of "
@@ -226,13 +225,13 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
             )
         for layer in range(first, first + depth):
             stages[te.component].append(
-                _Stage(te.site_key(layer, plan.te_site), layer, plan.te_site, plan.te_target_mode, eos=False)
+                _Stage(te.site_key(layer, plan.recipe.text_encoder.site), layer, plan.recipe.text_encoder.site, plan.recipe.text_encoder.target_mode, eos=False)
             )
-        if plan.te_target_mode == "stream" and plan.te_site not in te.arch.stream:
+        if plan.recipe.text_encoder.target_mode == "stream" and plan.recipe.text_encoder.site not in te.arch.stream:
             raise ManifestError(
-                f"text_encoder.target_mode: 'stream' is not available for site {plan.te_site} of {te.component}"
+                f"text_encoder.target_mode: 'stream' is not available for site {plan.recipe.text_encoder.site} of {te.component}"
             )
-        if te.spec.pooled and plan.pooled == "match":
+        if te.spec.pooled and plan.recipe.text_encoder.pooled == "match":
             last = te.num_layers - 1
             stages[te.component].append(_Stage(te.site_key(last, "mlp.fc2"), last, "mlp.fc2", "stream", eos=True))
     return stages
@@ -263,27 +262,27 @@ def _factorize(
     uce: bool = False,
 ):
     """The shared factorisation of one stage: ``X`` (``d × N``) targets, ``P`` (``d × M``) preserve inputs,
-    ``soft`` (``d × r``) the caption summary of the stage (weighted by ``plan.caption_weight``), ``soft_targets``
-    (``d × N_v``) the soft pairs' inputs (weighted by ``plan.soft_weight``)."""
+    ``soft`` (``d × r``) the caption summary of the stage (weighted by ``plan.recipe.preserve.caption_weight``), ``soft_targets``
+    (``d × N_v``) the soft pairs' inputs (weighted by ``plan.recipe.prompts.misspelling_weight``)."""
     if uce:
         return factorize_uce(
             X,
             preserve=P,
-            lam=plan.uce_lam,
-            erase_scale=plan.uce_erase_scale,
-            preserve_scale=plan.uce_preserve_scale,
-            rtol=plan.rank_rtol,
+            lam=plan.recipe.uce.lam,
+            erase_scale=plan.recipe.uce.erase_scale,
+            preserve_scale=plan.recipe.uce.preserve_scale,
+            rtol=plan.recipe.solver.rank_rtol,
         )
     return factorize_zero_residual(
         X,
         preserve=P,
-        preserve_mode=plan.preserve_mode,
-        preserve_weight=plan.preserve_weight,
-        soft=None if soft is None else soft.double() * plan.caption_weight**0.5,
+        preserve_mode=plan.recipe.preserve.mode,
+        preserve_weight=plan.recipe.preserve.weight,
+        soft=None if soft is None else soft.double() * plan.recipe.preserve.caption_weight**0.5,
         soft_targets=soft_targets,
-        soft_target_weight=plan.soft_weight,
-        rtol=plan.rank_rtol,
-        ridge=plan.ridge,
+        soft_target_weight=plan.recipe.prompts.misspelling_weight,
+        rtol=plan.recipe.solver.rank_rtol,
+        ridge=plan.recipe.solver.ridge,
     )
 
 
@@ -297,7 +296,7 @@ def _caption_summaries(model: EditModel, plan: ErasurePlan, stages: dict[str, li
         for stage in stages[te.component]
     }
     embed = lambda ids: prompt_embeddings(model, ids)[0]  # noqa: E731
-    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.token_policy, embed=embed)
+    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.recipe.solver.token_policy, embed=embed)
 
 
 def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -380,7 +379,7 @@ def _solve_stage(
     fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V)
     (WX, WV), (T, T_soft) = _split(inputs.WX, soft), _split(T, soft)
     return solve(
-        fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
+        fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
         T_soft=T_soft, WV=WV,
     )
 
@@ -489,7 +488,7 @@ def solve_erasure(
         WX, WV = _split((Xm @ weight.T).double(), tokens.soft)
         WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
         result = solve(
-            fact, weight, T, strict=plan.strict, residual_tol=plan.residual_tol, site=key, WX=WX, WP=WP,
+            fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=key, WX=WX, WP=WP,
             T_soft=T_soft, WV=WV,
         )
         recorder.add(key, FINAL_STAGE, result)
