@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .adapters.apply import check_fingerprints
+from .adapters.fingerprint import check_fingerprints
 from .adapters.folder import open_folder
 from .erase import LoadedBase, compute, load_base
 from .errors import ManifestError

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .adapters.fingerprint import check_fingerprints
 from .adapters.folder import open_folder
 from .erase import compute, compute_metrics
-from .errors import VerificationError
+from .errors import BaseMismatchError, VerificationError
 from .fsutil import check_output
 from .layout import MANIFEST_FILE
 from .manifest import load_manifest
-from .output import base_fingerprints, write_folder
+from .output import write_folder
 from .solver import LowRankDelta
 
 
@@ -101,12 +102,14 @@ def verify(
         raise VerificationError("the manifest does not pin the base model to a commit; it cannot be verified")
     comp = compute(recipe, device=device, progress=progress)
     per_site, problems = compare_deltas(opened.adapter.deltas, comp.stored)
-    fingerprints = base_fingerprints(comp)
-    for key, prints in fingerprints.items():
-        recorded = manifest.outputs.base_fingerprints.get(key, {})
-        for dtype, value in prints.items():
-            if recorded.get(dtype) != value:
-                problems.append(f"the base weights of {key} ({dtype}) differ from the fingerprint recorded at erase time")
-                break
+    recorded = manifest.outputs.base_fingerprints
+    read = {site.key for site in comp.solution.sites} | set(recorded)
+    try:
+        check_fingerprints(
+            {key: comp.model.weight(key) for key in sorted(read)}, recorded, recipe.base_model.id,
+            fix="which is what the manifest pins: the weights at that revision are not the ones recorded at erase time",
+        )
+    except BaseMismatchError as exc:
+        problems.append(str(exc))
     worst = max(per_site.values(), default=0.0)
     return RegenerateReport(opened.path, worst, manifest.outputs.regenerate_atol, per_site, problems)

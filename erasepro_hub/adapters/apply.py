@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import BaseMismatchError
 from ..naming import get_module, split_key
 from ..solver import LowRankDelta
-from .fingerprint import dtype_name, weight_fingerprint
+from .fingerprint import check_fingerprints
 from .folder import ErasureFolder, open_folder
 
 _REGISTRY: "weakref.WeakKeyDictionary[Any, list[AppliedAdapter]]" = weakref.WeakKeyDictionary()
@@ -63,25 +63,6 @@ def check_shapes(modules: Mapping[str, nn.Module], deltas: Mapping[str, LowRankD
             raise BaseMismatchError(
                 f"adapter site {key} expects a weight of shape {delta.shape}, the pipeline's is {shape}: "
                 "the adapter was made for another base model"
-            )
-
-
-def check_fingerprints(weights: Mapping[str, torch.Tensor], recorded: Mapping[str, Mapping[str, str]], base: str) -> None:
-    """Raise :class:`BaseMismatchError` naming the first weight that differs from the recorded base."""
-    for key, weight in weights.items():
-        prints = recorded.get(key)
-        if prints is None:
-            raise BaseMismatchError(f"the manifest records no fingerprint for {key}; cannot verify the base weights")
-        dtype = dtype_name(weight.dtype)
-        if dtype not in prints:
-            raise BaseMismatchError(
-                f"{key} is in {dtype}; fingerprints are recorded for {', '.join(prints)} only. Load the pipeline in "
-                "one of those dtypes, or pass verify_base=False"
-            )
-        if weight_fingerprint(weight) != prints[dtype]:
-            raise BaseMismatchError(
-                f"the pipeline's weights differ from the base this adapter was made for, first at {key}. "
-                f"Load {base}, or pass verify_base=False if you know the weights are equivalent"
             )
 
 

@@ -30,7 +30,12 @@ BASE_MODEL_PATTERNS = [
 def resolve_revision(repo_id: str, revision: str | None = None, *, repo_type: str = "model") -> str:
     """The 40-hex commit sha a branch, tag or sha names on the Hub."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         info = HfApi().repo_info(repo_id, revision=revision or "main", repo_type=repo_type)

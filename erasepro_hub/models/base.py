@@ -215,13 +215,18 @@ class EditModel:
         return cls(family, encoders, kv, source, dtype=first.dtype, device=first.device)
 
 
+def sd_family(hidden_size: int | None, pad_token: str | None) -> str:
+    """``sd2`` or ``sd1`` for a single-encoder pipeline: SD 2.x's OpenCLIP is 1024 wide and pads with ``!``."""
+    return "sd2" if hidden_size == 1024 or pad_token == "!" else "sd1"
+
+
 def detect_family_from_pipeline(pipe) -> str:
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     te = getattr(pipe, "text_encoder", None)
     if te is None:
         raise UnsupportedModelError(f"{type(pipe).__name__} has no text encoder; expected an SD 1.x/2.x/XL pipeline")
-    return "sd2" if te.config.hidden_size == 1024 or getattr(pipe.tokenizer, "pad_token", None) == "!" else "sd1"
+    return sd_family(te.config.hidden_size, getattr(pipe.tokenizer, "pad_token", None))
 
 
 def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelError, UnsupportedModelError
-from .base import FAMILIES, KV_SUFFIXES, EditModel, TextEncoder, sort_sites
+from ..layout import front_matter
+from .base import FAMILIES, KV_SUFFIXES, EditModel, TextEncoder, sd_family, sort_sites
 from .builtin import build_builtin, builtin_spec
-
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,21 +40,11 @@ def _read_json(path: Path) -> dict:
 
 def read_card_license(folder: str | Path) -> str | None:
     """The ``license`` of a model folder's README.md front matter, if it has one."""
-    import re
-
-    import yaml
-
     card = Path(folder) / "README.md"
     if not card.is_file():
         return None
-    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", card.read_text(encoding="utf-8", errors="replace"), re.S)
-    if not match:
-        return None
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    value = data.get("license") if isinstance(data, dict) else None
+    data = front_matter(card.read_text(encoding="utf-8", errors="replace")) or {}
+    value = data.get("license")
     return str(value) if value else None
 
 
@@ -75,7 +65,7 @@ def detect_family(folder: Path) -> str:
     if tok_config_path.exists():
         pad_entry = _read_json(tok_config_path).get("pad_token")
         pad = pad_entry.get("content") if isinstance(pad_entry, dict) else pad_entry
-    return "sd2" if te_config.get("hidden_size") == 1024 or pad == "!" else "sd1"
+    return sd_family(te_config.get("hidden_size"), pad)
 
 
 def _unet_weight_files(unet_dir: Path) -> dict[str, Path]:

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from ..layout import front_matter, front_matter_text
 from .store import LFS_SUFFIXES, REPO_TYPES, Repo, Store, StoreError
 
 #: The built-in users of the demo server: token → user. The tokens are public test values.
@@ -233,15 +234,7 @@ def _card_data(server: HubServer, commit) -> dict | None:
     entry = commit.files.get("README.md")
     if entry is None:
         return None
-    text = server.store.read_blob(entry.sha256).decode("utf-8", "replace")
-    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
-    if not match:
-        return None
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) else None
+    return front_matter(server.store.read_blob(entry.sha256).decode("utf-8", "replace"))
 
 
 @route("GET", "whoami", r"/api/whoami-v2")
@@ -285,11 +278,11 @@ def delete_repo(server: HubServer, req, m):
 @route("POST", "validate-yaml", r"/api/validate-yaml")
 def validate_yaml(server: HubServer, req, m):
     content = _json_body(req).get("content", "")
-    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.S)
+    text = front_matter_text(content)
     errors = []
-    if match:
+    if text is not None:
         try:
-            if not isinstance(yaml.safe_load(match.group(1)) or {}, dict):
+            if not isinstance(yaml.safe_load(text) or {}, dict):
                 errors.append({"message": "metadata must be a YAML mapping"})
         except yaml.YAMLError as exc:
             errors.append({"message": f"invalid YAML: {exc}"})
