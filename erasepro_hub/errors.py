@@ -43,6 +43,14 @@ class OutputExistsError(EraseProError, FileExistsError):
     """The output folder exists and ``--overwrite`` was not given."""
 
 
+class InvalidRefError(EraseProError, ValueError):
+    """A Hub repository id or revision is malformed (whitespace, control characters, backticks, ...)."""
+
+
+class OutputBusyError(EraseProError, BlockingIOError):
+    """Another process is writing the same output folder right now."""
+
+
 class UnsafePathError(EraseProError, ValueError):
     """A path would escape the folder it must stay in."""
 
@@ -106,7 +114,9 @@ __all__ = [
     "EraseProError",
     "EraseProWarning",
     "HubError",
+    "InvalidRefError",
     "ManifestError",
+    "OutputBusyError",
     "OutputExistsError",
     "PromptError",
     "UnsafePathError",

@@ -38,7 +38,7 @@ def fixed_manifest(base_id: str = "alice/tiny-sd-base", **changes) -> Manifest:
         **recipe,
         "outputs": {"recipe_sha256": "0" * 64, "family": "sd1", "base_license": "creativeml-openrail-m",
                     "adapter_file": "pytorch_lora_weights.safetensors", "files": {"pytorch_lora_weights.safetensors": "1" * 64},
-                    "base_fingerprints": {}, "sites": [site], "regenerate_atol": 1e-6},
+                    "base_fingerprints": {}, "sites": [site]},
         "metrics": {"residual_train": 3.5e-7, "residual_train_k": 3.4e-7, "residual_train_v": 3.6e-7,
                     "residual_heldout": 0.42, "preserve_drift": 0.2, "delta_norm_total": 1.5},
         "provenance": {"tool_version": "0.1.0", "python": "3.11", "platform": "test", "device": "cpu",
@@ -152,3 +152,194 @@ def test_card_command_rerenders_identically(demo_folder, tmp_path, capsys):
     assert {n: (folder / n).read_bytes() for n in before} == before
     assert main(["card", str(folder), "--repo-id", "alice/x", "--revision", "v2"]) == 0
     assert '"alice/x"' in (folder / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- hostile strings
+HOSTILE = "./ev` <img src=x onerror=alert(5)>`\n\n# Injected heading\n```\n<img src=y>"
+HOSTILE_REVISION = "v1\n```\n<img src=x onerror=alert(5)>\n# Injected heading"
+HOSTILE_CONCEPT = "<img src=x onerror=alert(5)> ``` # Injected [link](https://evil.example) *em* _em_ $x$ &lt;b&gt;"
+PLOT = "delta_norms.png"
+SECTIONS = ["# ", "## How to use", "## Metrics", "## How it was made", "## Limitations"]
+
+
+def split_card(text: str) -> tuple[dict, list[str], list[tuple[str, str]]]:
+    """(front matter, prose lines, fenced blocks as (info, content)) of a card, parsed by CommonMark's fence rules.
+
+    Fails when a fence is opened and never closed (a block that swallows the rest of the card).
+    """
+    assert "\r" not in text
+    match = re.match(r"^---\n(.*?)\n---\n(.*)$", text, re.S)
+    assert match, "no front matter"
+    front = yaml.safe_load(match.group(1))
+    assert isinstance(front, dict)
+    prose: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    lines = match.group(2).split("\n")
+    i = 0
+    while i < len(lines):
+        opening = re.match(r"^ {0,3}(`{3,}|~{3,})(.*)$", lines[i])
+        if opening and not (opening.group(1)[0] == "`" and "`" in opening.group(2)):
+            fence = opening.group(1)
+            closing = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+            end = next((j for j in range(i + 1, len(lines)) if closing.match(lines[j])), None)
+            assert end is not None, f"the fence opened at body line {i + 1} is never closed"
+            blocks.append((opening.group(2).strip(), "\n".join(lines[i + 1 : end])))
+            i = end + 1
+        else:
+            prose.append(lines[i])
+            i += 1
+    return front, prose, blocks
+
+
+def python_strings(source: str) -> set[str]:
+    import ast
+
+    nodes = ast.walk(ast.parse(source))
+    return {node.value for node in nodes if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def assert_inert(text: str) -> tuple[dict, list[str], list[tuple[str, str]]]:
+    """The card's structure is the template's: no HTML, no injected heading, every fence intact and parsable."""
+    front, prose, blocks = split_card(text)
+    for line in prose:
+        assert not re.search(r"<[A-Za-z/!?]", line), f"raw HTML in the card: {line!r}"
+        assert not re.match(r"^ {0,3}(=+|-+)[ \t]*$", line), f"a setext heading underline: {line!r}"
+    headings = [line for line in prose if re.match(r"^ {0,3}#{1,6}(\s|$)", line)]
+    assert len(headings) == len(SECTIONS) and all(h.startswith(s) for h, s in zip(headings, SECTIONS)), headings
+    assert not any(re.match(r"^ {0,3}#+\s*Injected", h) for h in headings)
+    infos = [info for info, _ in blocks]
+    assert set(infos) == {"python", "yaml", "bash"} and infos[-2:] == ["yaml", "bash"], infos
+    for info, content in blocks:
+        if info == "python":
+            python_strings(content)  # parses
+        elif info == "yaml":
+            assert isinstance(yaml.safe_load(content), dict)
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # the text-level checks above still ran
+        return front, prose, blocks
+    html = MarkdownIt("commonmark").enable("table").render(text.split("\n---\n", 1)[1])
+    # the only images are the card's own plots, the only links its own
+    images = {re.search(r'src="([^"]*)"', tag).group(1) for tag in re.findall(r"<img\b[^>]*>", html)}
+    assert images <= {PLOT, "samples.png"}
+    assert set(re.findall(r'<a href="([^"]*)"', html)) <= {"https://huggingface.co/alice/tiny-sd-base"}
+    assert "onerror" not in re.sub(r"&lt;.*?&gt;", "", html)  # only ever as escaped text
+    assert not re.search(r"<(em|strong)>(em|me)</", html)  # the hostile strings' *em* and _em_ stay text
+    assert len(re.findall(r"<h[1-6]>", html)) == len(SECTIONS)
+    assert html.count("<pre><code") == len(blocks)
+    return front, prose, blocks
+
+
+@pytest.mark.parametrize(
+    "base_model",
+    [
+        {"id": HOSTILE},  # a local folder
+        {"id": "alice/tiny-sd-base", "revision": HOSTILE.replace("./", "")},  # a Hub base at a hostile revision
+        {"id": "builtin:" + HOSTILE},  # an embedded model's name
+    ],
+    ids=["local-path", "hub-revision", "builtin-name"],
+)
+def test_hostile_base_model_strings_stay_text(base_model):
+    manifest = fixed_manifest(base_model=base_model)
+    text = render_card(manifest, repo_id="alice/erasure", revision="v1")
+    _, prose, blocks = assert_inert(text)
+    strings = set().union(*(python_strings(content) for info, content in blocks if info == "python"))
+    # the snippet loads exactly the recorded base model: the strings survive as Python literals
+    if base_model["id"].startswith("builtin:"):
+        assert base_model["id"].removeprefix("builtin:") in strings
+    else:
+        assert base_model["id"] in strings
+        assert base_model.get("revision", base_model["id"]) in strings
+    recipe = yaml.safe_load(next(content for info, content in blocks if info == "yaml"))
+    assert recipe["base_model"] == {"id": base_model["id"], "revision": base_model.get("revision")}
+    # the title names the base model on one line; the paragraph after the description names it and its revision
+    assert prose[1].startswith("# tricky: concept erasure for ")
+    assert ("Injected heading" in prose[1]) == ("Injected" in base_model["id"])
+    line = next(line for line in prose if line.startswith("This repository holds"))
+    assert "Injected heading" in line and "alert(5)" not in line  # escaped as `alert\(5\)`, on this one line
+
+
+def test_hostile_concepts_and_license_stay_text():
+    from huggingface_hub import ModelCard
+
+    license_ = "mit\n---\n<img src=x onerror=alert(5)>\n# Injected heading\n..."
+    data = fixed_manifest(concepts=[{"target": HOSTILE_CONCEPT, "anchor": HOSTILE_CONCEPT[::-1]}]).model_dump()
+    data["outputs"]["base_license"] = license_
+    text = render_card(Manifest.model_validate(data), repo_id="alice/erasure", revision="v1")
+    front, prose, blocks = assert_inert(text)
+    row = next(line for line in prose if line.startswith("|") and "Injected" in line)
+    assert len(re.findall(r"(?<!\\)\|", row)) == 3
+    recipe = yaml.safe_load(next(content for info, content in blocks if info == "yaml"))
+    assert recipe["concepts"][0] == {"target": HOSTILE_CONCEPT, "anchor": HOSTILE_CONCEPT[::-1]}
+    # the licence stays one value of the front matter, as the Hub reads it
+    assert front["license"] == license_ and ModelCard(text).data.license == license_
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"revision": HOSTILE_REVISION},
+        {"revision": "v1`"},
+        {"revision": "v1\tx"},
+        {"revision": "v 1"},
+        {"revision": "v1\u2028x"},
+        {"revision": ""},
+        {"repo_id": "alice/x\n```\n<img src=x>"},
+        {"repo_id": "alice/x`"},
+        {"repo_id": "<img src=x>"},
+    ],
+)
+def test_fence_breaking_revisions_and_repo_ids_are_refused(kwargs):
+    from erasepro_hub.errors import EraseProError
+
+    kwargs = {"repo_id": "alice/erasure", "revision": "v1", **kwargs}
+    with pytest.raises(EraseProError) as caught:
+        render_card(fixed_manifest(), **kwargs)
+    assert caught.value.exit_code == 2
+    assert ("revision" if "revision" in str(caught.value) else "repository") in str(caught.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--revision", HOSTILE_REVISION), ("--repo-id", "alice/x\n```\n<img src=x>")])
+def test_card_command_refuses_a_fence_breaking_revision_or_repo_id(demo_folder, tmp_path, capsys, flag, value):
+    import shutil
+
+    from erasepro_hub.cli import main
+
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    before = (folder / "README.md").read_bytes()
+    options = {"--repo-id": "alice/x", "--revision": "v1", flag: value}
+    assert main(["card", str(folder), *(word for pair in options.items() for word in pair)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert (folder / "README.md").read_bytes() == before
+
+
+def test_push_refuses_a_fence_breaking_tag_before_uploading(demo_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import erasepro_hub
+    import erasepro_hub.hub.publish as publish
+    from erasepro_hub.errors import EraseProError
+
+    uploads = []
+    monkeypatch.setattr(publish, "push", lambda *args, **kwargs: uploads.append(args))
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    before = (folder / "README.md").read_bytes()
+    with pytest.raises(EraseProError) as caught:
+        erasepro_hub.push(folder, "alice/x", tag=HOSTILE_REVISION)
+    assert caught.value.exit_code == 2 and not uploads
+    assert (folder / "README.md").read_bytes() == before
+
+
+def test_the_card_offers_the_two_loaders_as_alternatives():
+    text = render_card(fixed_manifest(), repo_id="alice/erasure", revision="v1", revision_kind="tag")
+    usage = text.split("## How to use", 1)[1].split("## Metrics", 1)[0]
+    _, _, blocks = split_card(text)
+    python = [content for info, content in blocks if info == "python"]
+    # no single block applies the erasure twice, and the card says to run one or the other
+    assert not any("load_lora_weights" in block and "load_adapter" in block for block in python)
+    assert any("load_lora_weights" in block for block in python) and any("load_adapter(" in block for block in python)
+    assert re.search(r"\bone\b.*\bnot both\b", usage, re.S | re.I)
+    assert re.search(r"twice", usage)

@@ -1,53 +1,187 @@
 """Rendering the model card of an erasure.
 
 The template is Jinja2 with ``StrictUndefined`` (a missing value is an error, never
-an empty string). User strings — concept names, descriptions, prompts — are only
-ever *data*: they are passed as variables, never used as template source, and are
-escaped for the place they land (Markdown table cells, Python string literals, a
-code fence longer than any backtick run they contain). The YAML front matter is
-written by a YAML dumper from a dict, never by string concatenation.
+an empty string). User strings — the base model's id, local path and revision, the
+repository id and revision the card points to, names, concepts, descriptions,
+prompts, the licence — are only ever *data*: they are passed as variables, never
+used as template source, and are escaped for the place they land:
+
+* Markdown text (the title, table cells, the description): HTML special characters
+  become entities, every Markdown marker is backslash-escaped, line breaks and other
+  control characters are neutralised, so nothing renders as a tag, heading, link,
+  list or emphasis (:func:`md_inline`, :func:`md_text`).
+* inline code in prose: a code span whose delimiter is longer than any backtick run
+  inside, with control characters shown as escapes (:func:`md_code`).
+* code blocks: Python string literals with every quote, backslash and non-printable
+  character escaped (:func:`py_literal`), shell words quoted (:func:`sh_word`), and a
+  fence longer than any backtick run in the block (:func:`fenced`).
+* the YAML front matter: written by a YAML dumper from a dict, never by string
+  concatenation (:func:`erasepro_hub.hub.card_data.dump_front_matter`).
+
+The repository id and revision a card points to are inputs of ``erasepro card`` and
+``erasepro push``; :func:`check_repo_id` and :func:`check_revision` refuse those that
+the Hub could not hold anyway (whitespace, control characters, backticks).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-import yaml
-
+from ..errors import InvalidRefError
 from ..layout import CARD_FILE, PLOT_FILE
 from ..manifest import Manifest, dump_yaml
+from ..manifest.schema import HUB_ID_RE
 
 TEMPLATE = "model_card.md.j2"
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~$])")
+#: bidirectional overrides and isolates: they reorder what a reader sees
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_LINE_BREAK = re.compile(r"\r\n|[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") or char in _BIDI
+
+
+def _one_line(text: str) -> str:
+    """Every control character (line breaks included) becomes a space."""
+    return "".join(" " if _is_control(char) else char for char in text)
+
+
+def _escape_char(char: str) -> str:
+    """A Python escape sequence for one character."""
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if char in named:
+        return named[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _visible(text: str) -> str:
+    """Control characters written as Python escapes, so they show instead of acting."""
+    return "".join(_escape_char(char) if _is_control(char) else char for char in text)
 
 
 def md_inline(value: Any) -> str:
-    """Escape a user string for inline Markdown (and a table cell): no markup, no HTML, one line."""
-    text = str(value).replace("\r", " ").replace("\n", " ")
-    return _MD_SPECIAL.sub(r"\\\1", text).replace("&", "&amp;")
+    """Escape a user string for inline Markdown (and a table cell): no markup, no HTML, one line.
+
+    ``&``, ``<`` and ``>`` become entities (safe in every Markdown dialect, unlike a backslash before
+    ``<``), Markdown markers are backslash-escaped, and the ``:`` of ``scheme://``, the ``.`` of
+    ``www.`` and ``@`` are escaped so that no bare URL or address is turned into a link.
+    """
+    text = _one_line(str(value)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = re.sub(r":(?=//)", r"\\:", text)
+    text = re.sub(r"(?i)\b(www)\.", r"\1\\.", text)
+    return text.replace("@", "\\@")
 
 
-_BLOCK_MARK = re.compile(r"^(\s*)([-=_*]{3,}|#|>|```|~~~)")
+_BLOCK_START = re.compile(r"^([-=]|\d{1,9}(?=[.)]))")
 
 
 def md_text(value: Any) -> str:
-    """Escape a free-text paragraph: keep line breaks; no HTML, and no line may start a heading, rule or fence."""
-    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return "\n".join(_BLOCK_MARK.sub(r"\1\\\2", line.rstrip()) for line in text.splitlines())
+    """Escape a free-text paragraph: keep its line breaks, but every line is plain text.
+
+    Each line is escaped as :func:`md_inline` does and stripped (no indented code block), and a
+    leading ``-``, ``=`` or ``1.`` is escaped, so no line starts a heading, rule, list, quote or fence.
+    """
+    lines = (md_inline(line).strip() for line in _LINE_BREAK.split(str(value)))
+    return "\n".join(_BLOCK_START.sub(lambda m: m.group(1) + "\\" if m.group(1).isdigit() else "\\" + m.group(1), line)
+                     for line in lines).strip("\n")
+
+
+def md_code(value: Any) -> str:
+    """A user string as an inline code span in prose (or as escaped text where a span cannot hold it).
+
+    The delimiter is one backtick longer than any run inside, so the span cannot be closed early;
+    control characters are shown as escapes, so it stays on its line. A string with ``<``, ``>``
+    or ``&`` is written as escaped text instead: a code span shows entities literally.
+    """
+    text = _visible(str(value))
+    if not text or re.search(r"[<>&]", text):
+        return md_inline(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    delimiter = "`" * (longest + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return f"{delimiter}{pad}{text}{pad}{delimiter}"
 
 
 def py_literal(value: Any) -> str:
-    """A Python string literal (JSON's escapes are valid Python)."""
-    return json.dumps(str(value), ensure_ascii=False)
+    """A Python string literal: quotes, backslashes and every non-printable character escaped.
+
+    JSON's escapes are valid Python; what JSON leaves as it is (line and paragraph separators,
+    bidirectional controls, DEL, lone surrogates) is escaped too, so the literal is one line.
+    """
+    text = json.dumps(str(value), ensure_ascii=False)
+    return "".join(char if char.isprintable() or char == " " else _escape_char(char) for char in text)
 
 
-def _fence(text: str) -> str:
+def sh_word(value: Any) -> str:
+    """One shell word (quoted only where needed), for a ``bash`` block."""
+    return shlex.quote(_visible(str(value)))
+
+
+def fence_for(text: str) -> str:
+    """A backtick fence longer than any backtick run in ``text`` (so ``text`` cannot close it)."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     return "`" * max(3, longest + 1)
+
+
+def fenced(text: str, language: str = "") -> str:
+    """``text`` as a fenced code block whose fence it cannot close."""
+    body = text if text.endswith("\n") else text + "\n"
+    fence = fence_for(body)
+    return f"{fence}{language}\n{body}{fence}"
+
+
+_GIT_FORBIDDEN = re.compile(r"[~^:?*\[\\]|\.\.|@\{|//")
+
+
+def check_revision(revision: str) -> str:
+    """Return ``revision`` if it can name a branch, tag or commit on the Hub; else raise :class:`InvalidRefError`.
+
+    Refused: the empty string, whitespace and control characters (a line break would end the code
+    line that loads it), backticks (they would close the code around it), and what Git does not
+    allow in a ref name (``~ ^ : ? * [ \\``, ``..``, ``@{``, ``//``, a leading or trailing ``/``,
+    a trailing ``.`` or ``.lock``).
+    """
+    if not isinstance(revision, str) or not revision:
+        raise InvalidRefError("the revision is empty; give a branch, tag or commit sha")
+    bad = sorted({c for c in revision if c.isspace() or not c.isprintable() or _is_control(c) or c == "`"})
+    if bad:
+        shown = ", ".join(repr(char) for char in bad)
+        raise InvalidRefError(
+            f"revision {revision!r} contains {shown}; a branch, tag or commit sha has no whitespace, "
+            "control characters or backticks"
+        )
+    if (
+        _GIT_FORBIDDEN.search(revision)
+        or revision.startswith(("/", "-"))
+        or revision.endswith(("/", ".", ".lock"))
+        or revision == "@"
+    ):
+        raise InvalidRefError(
+            f"revision {revision!r} is not a valid branch or tag name (no '~ ^ : ? * [ \\', '..', '@{{' or '//', "
+            "nor a leading '/' or '-', nor a trailing '/', '.' or '.lock')"
+        )
+    return revision
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Return ``repo_id`` if it is a Hub repository id ``user/name``; else raise :class:`InvalidRefError`."""
+    if not isinstance(repo_id, str) or not HUB_ID_RE.fullmatch(repo_id):
+        raise InvalidRefError(
+            f"repository id {repo_id!r} is not 'user/name' (letters, digits, '.', '_' and '-', "
+            "at most 96 each, starting with a letter or digit)"
+        )
+    return repo_id
 
 
 def _template_source() -> str:
@@ -61,7 +195,7 @@ def _environment():
     from jinja2 import Environment, StrictUndefined
 
     env = Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, trim_blocks=False)
-    env.filters.update(md=md_inline, text=md_text, py=py_literal)
+    env.filters.update(md=md_inline, text=md_text, code=md_code, py=py_literal, sh=sh_word, fenced=fenced)
     return env
 
 
@@ -111,15 +245,22 @@ def card_context(
     """Everything the template needs, as plain data (no I/O).
 
     ``revision_kind`` (``tag`` or ``branch``) says what ``revision`` names when the caller knows it (a push).
+    A ``repo_id`` or ``revision`` that is given is checked first (:func:`check_repo_id`,
+    :func:`check_revision`); without them the card shows placeholders and ``main``.
     """
-    from ..hub.card_data import card_metadata
+    from ..hub.card_data import card_metadata, dump_front_matter
+
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    if revision is not None:
+        check_revision(revision)
 
     outputs = manifest.outputs
     metrics = manifest.metrics or {}
     base = manifest.base_model
     family = outputs.family if outputs is not None else "sd1"
-    repo_id = repo_id or "<user>/<repo>"
-    revision = revision or "main"
+    repo_id = repo_id if repo_id is not None else "<user>/<repo>"
+    revision = revision if revision is not None else "main"
     family_tag = "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"
     tags = ["lora", "diffusers", "text-to-image", family_tag, "concept-erasure", "erasepro"]
     hub_base = base.id if base.kind == "hub" else None
@@ -154,10 +295,14 @@ def card_context(
     provenance = manifest.provenance
     libraries = sorted((provenance.libraries if provenance else {}).items())
     return {
-        "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=100),
+        "front_matter": dump_front_matter(front),
         "title": f"{name}: concept erasure for {base.id}",
         "description": manifest.description or "",
-        "base": {"id": base.id, "revision": base.revision, "url": f"https://huggingface.co/{base.id}" if hub_base else None},
+        "base": {
+            "id": base.id,
+            "revision": base.revision,
+            "url": f"https://huggingface.co/{quote(base.id, safe='/')}" if hub_base else None,
+        },
         "method": manifest.method,
         "family": family,
         "concepts": [{"target": c.target, "anchor": c.anchor} for c in manifest.concepts],
@@ -174,7 +319,6 @@ def card_context(
         "image_info": {k: images.get(k) for k in ("clip_model", "n_target_images", "n_preserve_images", "steps")},
         "plot": PLOT_FILE,
         "recipe_yaml": recipe_yaml,
-        "fence": _fence(recipe_yaml),
         "tool_version": provenance.tool_version if provenance else "unknown",
         "libraries": [(k, v) for k, v in libraries if k in ("torch", "diffusers", "transformers")],
     }

@@ -1,12 +1,16 @@
 """Model-card metadata (the YAML front matter) in the Hub's own format, built with ``ModelCardData``.
 
 Evaluation results go into ``model-index`` through :class:`huggingface_hub.EvalResult`, so the Hub
-shows them as it shows any other model's.
+shows them as it shows any other model's. The front matter is written by a YAML dumper from that dict
+(:func:`dump_front_matter`), never by joining strings, so no value can end it or add a key.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import yaml
 
 #: (metric key in metrics.json, prompt set, human name of the metric). The Hub groups results by
 #: dataset *type*, so each prompt set has its own type.
@@ -56,3 +60,16 @@ def card_metadata(
         eval_results=results or None,
     )
     return data.to_dict()
+
+
+def dump_front_matter(data: dict[str, Any]) -> str:
+    """``data`` as the YAML between the card's ``---`` lines (ends with a newline).
+
+    Every string is a YAML scalar, quoted and escaped by the dumper where needed; a value with line
+    breaks is folded onto indented lines, so none of its lines can read as the closing ``---``
+    (nor as ``...``); that is checked after dumping.
+    """
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    if re.search(r"^(---|\.\.\.)", text, re.M):
+        raise ValueError("the card metadata does not dump to a single YAML document")  # pragma: no cover
+    return text
