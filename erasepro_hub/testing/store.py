@@ -8,8 +8,10 @@ Layout under the root folder::
 
 Every mutation writes its record atomically (temporary file + rename) under a
 lock, and a commit becomes visible only once all its blobs are stored: a failed
-or interrupted commit leaves no trace but unreferenced blobs. Standard library
-and PyYAML only.
+or interrupted commit leaves no trace but unreferenced blobs. Paths in a commit
+must stay inside the repository (:func:`check_path`), and LFS uploads are
+streamed to disk under :attr:`Store.max_upload_bytes` (see :mod:`.blobs`).
+Standard library and PyYAML only.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .blobs import DEFAULT_MAX_UPLOAD_BYTES, BlobStore, StoreError
 
 REPO_TYPES = ("model", "dataset", "space")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -34,18 +39,36 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".png", ".jpg", 
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
 
 
-class StoreError(Exception):
-    """An error with an HTTP status and the Hub's ``X-Error-Code``."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
 def git_blob_oid(data: bytes) -> str:
     """The git object id of a blob (what the Hub reports as ``oid`` for regular files)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def check_path(path: object, *, folder: bool = False) -> str:
+    """A file path of a commit, or :class:`StoreError` 400 naming it: as on the Hub, a path is relative and
+    stays inside the repository — no leading ``/``, no empty, ``.`` or ``..`` segment, no ``.git`` folder,
+    no backslash, NUL or other control character. ``folder``: one trailing ``/`` is allowed (folder deletion)."""
+    if not isinstance(path, str):
+        raise StoreError(400, f"Invalid path {path!r}: a path must be a string")
+    rest = path[:-1] if folder and path.endswith("/") and path != "/" else path
+    segments = rest.split("/")
+    if not rest:
+        reason = "the path is empty"
+    elif any(ord(c) < 32 or c == "\x7f" for c in path):
+        reason = "it contains a NUL or control character"
+    elif "\\" in path:
+        reason = "it contains a backslash"
+    elif path.startswith("/"):
+        reason = "it is absolute"
+    elif "" in segments:
+        reason = "it has an empty segment"
+    elif "." in segments or ".." in segments:
+        reason = "it has a '.' or '..' segment"
+    elif ".git" in segments:
+        reason = "it is inside a .git folder"
+    else:
+        return path
+    raise StoreError(400, f"Invalid path {path!r}: {reason}; paths are relative and stay inside the repository")
 
 
 def now() -> str:
@@ -125,10 +148,19 @@ class Repo:
 class Store:
     """Repositories, commits, blobs and users of one local Hub."""
 
-    def __init__(self, root: str | Path, *, users: dict[str, str], orgs: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        users: dict[str, str],
+        orgs: dict[str, list[str]] | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    ):
         self.root = Path(root)
-        self.blob_dir = self.root / "blobs"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root / "blobs")
+        self.blob_dir = self.blobs.folder
+        #: the largest object one LFS upload may store (413 beyond); read at each request
+        self.max_upload_bytes = max_upload_bytes
         self.users = dict(users)  # token -> user name
         self.orgs = {org: list(members) for org, members in (orgs or {}).items()}
         self.lock = threading.RLock()
@@ -146,29 +178,11 @@ class Store:
         return not repo.private or self.can_write(user, repo.namespace)
 
     # ------------------------------------------------------------------ blobs
-    def blob_path(self, sha256: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise StoreError(400, f"invalid sha256 {sha256!r}")
-        return self.blob_dir / sha256
-
     def has_blob(self, sha256: str, size: int | None = None) -> bool:
-        path = self.blob_path(sha256)
-        return path.exists() and (size is None or path.stat().st_size == size)
-
-    def put_blob(self, data: bytes, expected_sha256: str | None = None) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        if expected_sha256 is not None and sha != expected_sha256:
-            raise StoreError(400, f"content hash {sha} does not match the announced oid {expected_sha256}")
-        path = self.blob_path(sha)
-        if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        return sha
+        return self.blobs.has(sha256, size)
 
     def read_blob(self, sha256: str) -> bytes:
-        return self.blob_path(sha256).read_bytes()
+        return self.blobs.read(sha256)
 
     # ------------------------------------------------------------------ repos
     def _repo_dir(self, repo: Repo) -> Path:
@@ -200,7 +214,7 @@ class Store:
             shutil.rmtree(self._repo_dir(repo), ignore_errors=True)
 
     def _entry(self, path: str, data: bytes, lfs: bool) -> FileEntry:
-        sha = self.put_blob(data)
+        sha = self.blobs.put(data)
         return FileEntry(path, sha, len(data), git_blob_oid(data), lfs)
 
     def regular_entry(self, path: str, data: bytes) -> FileEntry:
@@ -209,9 +223,11 @@ class Store:
     def has_lfs(self, repo: Repo, sha256: str, size: int) -> bool:
         return sha256 in repo.lfs_objects and self.has_blob(sha256, size)
 
-    def put_lfs(self, repo: Repo, data: bytes, sha256: str) -> None:
+    def put_lfs(self, repo: Repo, chunks: Iterable[bytes], sha256: str, size: int | None = None) -> None:
+        """Stream an LFS object of ``repo`` to disk (capped at :attr:`max_upload_bytes`, checked against its
+        sha256 and, when given, its announced size); it counts as uploaded only once complete."""
+        self.blobs.put_chunks(chunks, sha256, size=size, limit=self.max_upload_bytes)
         with self.lock:
-            self.put_blob(data, expected_sha256=sha256)
             repo.lfs_objects.add(sha256)
             self.save(repo)
 
@@ -234,6 +250,10 @@ class Store:
         parent: str | None,
     ) -> Commit:
         """Create a commit on ``branch`` atomically; ``parent`` (if given) must be the branch head (else 412)."""
+        for path in added:
+            check_path(path)
+        for path in deleted:
+            check_path(path, folder=True)
         with self.lock:
             head = repo.branches.get(branch)
             if head is None and repo.commits:
