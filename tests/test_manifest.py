@@ -23,6 +23,13 @@ def test_every_shipped_manifest_validates():
         assert manifest.concepts and manifest.prompts.templates
 
 
+def test_every_shipped_manifest_is_far_within_the_input_limits():
+    from erasepro_hub.manifest.limits import MAX_PROMPTS, prompt_counts
+
+    for path in SHIPPED:
+        assert sum(prompt_counts(load_manifest(path)).values()) * 10 <= MAX_PROMPTS, path
+
+
 def test_real_model_manifests_name_hub_models():
     kinds = {load_manifest(p).base_model.id for p in SHIPPED}
     assert "builtin:tiny-sd" in kinds

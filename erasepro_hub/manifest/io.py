@@ -1,5 +1,9 @@
 """Reading, writing and hashing manifests.
 
+* Reading is bounded (docs/design.md §4.2, "Input limits"): a manifest is at most
+  :data:`MAX_MANIFEST_BYTES`, nests at most :data:`MAX_YAML_DEPTH` levels and holds no YAML
+  anchors or aliases (``&name`` / ``*name``: manifests never need them, and they let a few
+  lines expand into exponentially many nodes).
 * Reading rejects duplicate keys and turns every validation problem into a
   :class:`~erasepro_hub.errors.ManifestError` whose message names the field path
   (``concepts.0.anchor: field required``) and, for unknown keys, the known ones.
@@ -20,11 +24,34 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ManifestError
+from .limits import MAX_MANIFEST_BYTES, MAX_YAML_DEPTH
 from .schema import Manifest, Recipe
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate mapping keys instead of keeping the last one."""
+    """A safe loader that refuses duplicate mapping keys, anchors, aliases and deep nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None,
+                "YAML anchors and aliases (&name, *name) are not allowed in a manifest; write the value out",
+                event.start_mark,
+            )
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if self._depth >= MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark
+                )
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -43,7 +70,10 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block-style YAML; multi-line strings as literal blocks."""
+    """Block-style YAML; multi-line strings as literal blocks; never an anchor or alias (the reader refuses them)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -103,12 +133,34 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
 
 
 # ----------------------------------------------------------------------------- read
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = [part for part in (exc.context, exc.problem) if part]
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return "; ".join(parts) + where
+    return " ".join(str(exc).split())
+
+
+def _too_large(source: str) -> ManifestError:
+    return ManifestError(
+        f"invalid manifest {source}: larger than {MAX_MANIFEST_BYTES // 2**20} MiB; a manifest is a few hundred KiB "
+        "at most",
+        problems=[("(top level)", "file too large")],
+    )
+
+
 def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
     """Parse YAML text into a validated :class:`Manifest` (outputs optional)."""
+    if len(text) > MAX_MANIFEST_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_MANIFEST_BYTES:
+        raise _too_large(source)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ManifestError(f"invalid manifest {source}: not valid YAML: {exc}") from None
+        raise ManifestError(f"invalid manifest {source}: not valid YAML: {_yaml_reason(exc)}") from None
+    except RecursionError:  # a guard: the depth limit above refuses deep nesting first
+        raise ManifestError(f"invalid manifest {source}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ManifestError(
             f"invalid manifest {source}: the top level must be a mapping of keys "
@@ -127,13 +179,18 @@ def load_manifest(path: str | Path) -> Manifest:
     if path.is_dir():
         path = path / "erasepro.yaml"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {path} (give the path of a .yaml manifest)") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _too_large(str(path))
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ManifestError(f"invalid manifest {path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from None
     return parse_manifest(text, source=str(path))
 
 

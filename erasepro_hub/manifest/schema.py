@@ -6,6 +6,13 @@ method, concepts, prompts and every solver setting. ``erase`` then adds
 ``provenance``, giving a resolved :class:`Manifest`. ``regenerate`` needs nothing
 but the recipe (and the base model). Every model is frozen and rejects unknown
 keys, so a typo is an error that names the field, never a silent default.
+
+Input limits (:mod:`.limits`, docs/design.md §4.2): every number must be finite, and the lists and
+strings a manifest holds are capped so that what a manifest asks for stays bounded in memory and
+time. A limit that is reached is an error that names the field, like any other.
+
+Why one module of this length: the manifest is one nested format, and its models refer to each
+other; split across files, the format could no longer be read top to bottom in one place.
 """
 
 from __future__ import annotations
@@ -14,6 +21,18 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .limits import (
+    MAX_CONCEPTS,
+    MAX_DESCRIPTION,
+    MAX_MODEL_ID,
+    MAX_PROMPT_LIST,
+    MAX_REVISION,
+    MAX_TEMPLATES,
+    MAX_TEXT,
+    check_json_data,
+    check_prompt_budget,
+)
 
 SCHEMA_VERSION = 1
 BUILTIN_PREFIX = "builtin:"
@@ -24,9 +43,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: ``.inf`` and ``.nan`` are refused in every float field
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def _template_check(value: str) -> str:
@@ -38,7 +60,7 @@ def _template_check(value: str) -> str:
 
 
 #: A prompt template: one line with exactly one ``{}`` where the concept goes.
-Template = Annotated[str, AfterValidator(_template_check)]
+Template = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_template_check)]
 
 
 # ----------------------------------------------------------------------------- recipe parts
@@ -51,8 +73,8 @@ class BaseModelRef(_Strict):
     ``erase`` records the 40-hex commit it resolved to.
     """
 
-    id: str = Field(min_length=1)
-    revision: str | None = None
+    id: str = Field(min_length=1, max_length=MAX_MODEL_ID)
+    revision: str | None = Field(default=None, max_length=MAX_REVISION)
 
     @field_validator("id")
     @classmethod
@@ -95,8 +117,8 @@ class Concept(_Strict):
     ``anchor`` may be the empty string (UCE's choice for objects) but must be given.
     """
 
-    target: str = Field(min_length=1)
-    anchor: str
+    target: str = Field(min_length=1, max_length=MAX_TEXT)
+    anchor: Text
 
     @field_validator("target")
     @classmethod
@@ -126,7 +148,7 @@ class Prompts(_Strict):
     misspelled forms of each target should land near the anchor too, without counting as constraints.
     """
 
-    templates: list[Template] = Field(default_factory=list)
+    templates: list[Template] = Field(default_factory=list, max_length=MAX_TEMPLATES)
     kind: PromptKind | None = None
     #: how many bank templates ``kind`` adds; chosen by measurement (docs/defaults.md)
     bank_size: int = Field(default=3, ge=1, le=40)
@@ -139,7 +161,22 @@ class Prompts(_Strict):
     def _some_templates(self) -> "Prompts":
         if not self.templates and self.kind is None:
             raise ValueError("give templates (with one '{}' each), or a kind (style, object, person, nudity, other)")
+        resolved = self.resolved_count()
+        if resolved > MAX_TEMPLATES:
+            raise ValueError(
+                f"{len(self.templates)} templates and {resolved - len(self.templates)} more from the {self.kind} bank "
+                f"make {resolved}; at most {MAX_TEMPLATES} are allowed (fewer templates or a smaller bank_size)"
+            )
         return self
+
+    def resolved_count(self) -> int:
+        """How many templates ``erase`` uses: the manifest's own, then the bank templates ``kind`` adds."""
+        if self.kind is None:
+            return len(self.templates)
+        from ..banks import bank
+
+        own = set(self.templates)
+        return len(self.templates) + sum(1 for t in bank(self.kind)[: self.bank_size] if t not in own)
 
 
 #: The caption sets shipped with the package (``erasepro_hub/banks/captions.txt`` is ``default-v1``).
@@ -157,8 +194,8 @@ class Preserve(_Strict):
     applies to the ErasePro methods; the UCE baseline keeps its published form.
     """
 
-    concepts: list[str] = Field(default_factory=list)
-    templates: list[Template] | None = None
+    concepts: list[Text] = Field(default_factory=list, max_length=MAX_PROMPT_LIST)
+    templates: list[Template] | None = Field(default=None, max_length=MAX_TEMPLATES)
     mode: Literal["none", "soft", "exact"] = "soft"
     #: λ_p; 0.1 was chosen by measurement (docs/defaults.md)
     weight: float = Field(default=0.1, ge=0)
@@ -178,16 +215,16 @@ class Preserve(_Strict):
 class HeldoutPair(_Strict):
     """An explicit held-out pair: a prompt about the target and its anchor counterpart."""
 
-    target: str = Field(min_length=1)
-    anchor: str
+    target: str = Field(min_length=1, max_length=MAX_TEXT)
+    anchor: Text
 
 
 class Evaluation(_Strict):
     """Prompts the solver never sees, used only for metrics."""
 
-    heldout_templates: list[Template] = Field(default_factory=list)
-    heldout_prompts: list[HeldoutPair] = Field(default_factory=list)
-    preserve_prompts: list[str] = Field(default_factory=list)
+    heldout_templates: list[Template] = Field(default_factory=list, max_length=MAX_TEMPLATES)
+    heldout_prompts: list[HeldoutPair] = Field(default_factory=list, max_length=MAX_PROMPT_LIST)
+    preserve_prompts: list[Text] = Field(default_factory=list, max_length=MAX_PROMPT_LIST)
 
 
 class TextEncoderSettings(_Strict):
@@ -253,10 +290,10 @@ class Recipe(_Strict):
 
     schema_version: Literal[1]
     name: str | None = None
-    description: str | None = None
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
     base_model: BaseModelRef
     method: Literal["erasepro", "erasepro-kv", "uce"] = "erasepro"
-    concepts: list[Concept] = Field(min_length=1)
+    concepts: list[Concept] = Field(min_length=1, max_length=MAX_CONCEPTS)
     prompts: Prompts
     preserve: Preserve = Field(default_factory=Preserve)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -279,6 +316,11 @@ class Recipe(_Strict):
         if len(set(targets)) != len(targets):
             raise ValueError("each target may appear only once")
         return value
+
+    @model_validator(mode="after")
+    def _bounded_prompts(self) -> "Recipe":
+        check_prompt_budget(self)
+        return self
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -308,7 +350,6 @@ class Outputs(_Strict):
     files: dict[str, str]
     base_fingerprints: dict[str, dict[str, str]]
     sites: list[SiteRecord]
-    regenerate_atol: float = Field(gt=0)
 
     @field_validator("recipe_sha256")
     @classmethod
@@ -335,6 +376,13 @@ class Manifest(Recipe):
     outputs: Outputs | None = None
     metrics: dict[str, Any] | None = None
     provenance: Provenance | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _json_metrics(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Metrics are free-form, but JSON data: finite numbers, bounded depth, like the rest of the manifest."""
+        check_json_data(value, "metrics")
+        return value
 
     def recipe(self) -> Recipe:
         """The input half, exactly as ``regenerate`` uses it."""
