@@ -4,9 +4,11 @@ and security (tokens, pickle, paths)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -38,6 +40,20 @@ ENUMS = [("method",), ("solver", "token_policy"), ("preserve", "mode"), ("text_e
          ("solver", "dtype")]
 NUMBERS = [("preserve", "weight"), ("solver", "rank_rtol"), ("solver", "residual_tol"), ("solver", "ridge"),
            ("text_encoder", "depth"), ("uce", "lam"), ("uce", "erase_scale"), ("uce", "preserve_scale")]
+FLOATS = NUMBERS + [("preserve", "caption_weight"), ("prompts", "misspelling_weight"), ("prompts", "bank_size"),
+                    ("text_encoder", "first_layer")]
+NON_FINITE = st.sampled_from([float("inf"), float("-inf"), float("nan")])
+#: (path, limit, what goes over it): every capped string and list of docs/design.md §4.2 "Input limits"
+TEXTS = [(("concepts", 0, "target"), 1000), (("concepts", 0, "anchor"), 1000), (("preserve", "concepts", 0), 1000),
+         (("evaluation", "preserve_prompts", 0), 1000), (("description",), 10_000)]
+TEMPLATE_TEXTS = [("prompts", "templates", 0), ("evaluation", "heldout_templates", 0), ("preserve", "templates", 0)]
+LISTS = [(("concepts",), 256, lambda i: {"target": f"concept {i}", "anchor": "a"}),
+         (("prompts", "templates"), 256, lambda i: f"t{i} {{}}"),
+         (("preserve", "templates"), 256, lambda i: f"t{i} {{}}"),
+         (("evaluation", "heldout_templates"), 256, lambda i: f"t{i} {{}}"),
+         (("preserve", "concepts"), 2048, lambda i: f"p{i}"),
+         (("evaluation", "preserve_prompts"), 2048, lambda i: f"p{i}"),
+         (("evaluation", "heldout_prompts"), 2048, lambda i: {"target": f"t{i}", "anchor": "a"})]
 
 
 def paths(node, prefix=()):
@@ -73,7 +89,8 @@ ODD_VALUES = st.one_of(
 def malformed(draw):
     """(manifest data, the path the mutation touched)."""
     data = copy.deepcopy(VALID)
-    kind = draw(st.sampled_from(["delete", "unknown", "retype", "enum", "number", "template", "empty", "concept"]))
+    kind = draw(st.sampled_from(["delete", "unknown", "retype", "enum", "number", "template", "empty", "concept",
+                                 "over"]))
     if kind == "delete":
         path = draw(st.sampled_from(REQUIRED))
         parent = ensure(data, path)
@@ -101,10 +118,56 @@ def malformed(draw):
     elif kind == "empty":
         path = draw(st.sampled_from([("concepts",), ("prompts", "templates")]))
         ensure(data, path)[path[-1]] = []
+    elif kind == "over":
+        data, path = draw(over_limits())
     else:
         path = ("concepts", 0, "target")
         data["concepts"][0]["target"] = draw(st.sampled_from(["", "   ", "two\nlines", 7, None]))
     return data, path
+
+
+@st.composite
+def over_limits(draw):
+    """(manifest data, path) over one input limit: a non-finite number, a long string, a long list, too many prompts."""
+    data = copy.deepcopy(VALID)
+    kind = draw(st.sampled_from(["nonfinite", "long", "many", "prompts"]))
+    if kind == "nonfinite":
+        # anywhere: a float field, or any other field (where a number of any kind is already wrong)
+        path = draw(st.sampled_from(FLOATS + ALL_PATHS))
+        ensure(data, path)[path[-1]] = draw(NON_FINITE)
+    elif kind == "long":
+        over = draw(st.integers(1, 40))
+        filler = draw(st.sampled_from(["x", "é", " a", "字"]))
+        if draw(st.booleans()):
+            path, limit = draw(st.sampled_from(TEXTS))
+            value = (filler * (limit + over))[: limit + over]
+        else:
+            path, limit = draw(st.sampled_from(TEMPLATE_TEXTS)), 1000
+            value = "{}" + (filler * limit)[: limit - 2 + over]
+        put(data, path, value)
+    elif kind == "many":
+        path, limit, item = draw(st.sampled_from(LISTS))
+        ensure(data, path)[path[-1]] = [item(i) for i in range(limit + draw(st.integers(1, 20)))]
+    else:  # each list within its cap, their product over the prompt budget (4,096)
+        concepts = draw(st.integers(40, 256))
+        templates = 4096 // concepts + draw(st.integers(1, 8))
+        data["concepts"] = [{"target": f"concept {i}", "anchor": "a"} for i in range(concepts)]
+        data["prompts"]["templates"] = [f"t{i} {{}}" for i in range(templates)]
+        path = ()
+    return data, path
+
+
+def put(data, path, value):
+    """Set ``path`` to ``value``, creating mappings (and lists, for an index) on the way."""
+    node = data
+    for part, after in zip(path[:-1], path[1:]):
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = [] if isinstance(after, int) else {}
+        node = node[part]
+    if isinstance(node, list) and path[-1] >= len(node):
+        node.append(value)
+    else:
+        node[path[-1]] = value
 
 
 def _get(data, path):
@@ -151,6 +214,20 @@ def test_malformed_manifests_give_a_typed_error_naming_the_field(case):
     assume(False)  # the mutation happened to produce a valid manifest: not a malformed example
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(over_limits())
+def test_values_over_the_input_limits_are_always_refused(case):
+    data, path = case
+    try:
+        parse_manifest(yaml.safe_dump(data, allow_unicode=True), source="fuzz.yaml")
+    except ManifestError as exc:
+        assert any(_named(p, path) for p, _ in exc.problems), (path, exc.problems)
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect
+        pytest.fail(f"{type(exc).__name__} instead of a ManifestError for {path}: {exc}")
+    else:
+        pytest.fail(f"a manifest over an input limit at {'.'.join(map(str, path)) or 'the top level'} was accepted")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300))
 def test_arbitrary_bytes_never_crash_the_reader(blob):
@@ -189,6 +266,113 @@ def test_the_command_line_answers_malformed_manifests_with_exit_2(tmp_path_facto
         code = main(["erase", str(manifest), "--out", str(folder / "out")])
     assert code == 2 and "Traceback" not in err.getvalue() and "invalid manifest" in err.getvalue()
     assert not (folder / "out").exists()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_non_finite_numbers_anywhere_in_a_finished_manifest_are_refused(demo_folder, data):
+    from erasepro_hub.manifest import load_manifest, to_data
+
+    manifest = to_data(load_manifest(demo_folder))
+    numbers = [p for p in paths(manifest) if p and isinstance(_get(manifest, p), (int, float))
+               and not isinstance(_get(manifest, p), bool)]
+    path = data.draw(st.sampled_from(numbers))
+    ensure(manifest, path)[path[-1]] = data.draw(NON_FINITE)
+    try:
+        parse_manifest(yaml.safe_dump(manifest, sort_keys=False), source="fuzz.yaml")
+    except ManifestError as exc:
+        assert any(_named(p, path) for p, _ in exc.problems), (path, exc.problems)
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect
+        pytest.fail(f"{type(exc).__name__} instead of a ManifestError for {path}: {exc}")
+    else:
+        pytest.fail(f"a non-finite number at {'.'.join(map(str, path))} was accepted")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 3000), st.sampled_from(["[", "{\"a\": ", "- ", "x: &a\n"]))
+def test_deep_or_aliased_yaml_is_refused_without_a_crash(depth, opener):
+    text = DEMO.read_text() + "metrics:\n  deep: " + opener * depth + "\n"
+    try:
+        parse_manifest(text)
+    except ManifestError as exc:
+        assert str(exc).count("\n") <= 1 or exc.problems, str(exc)
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "f32", "float32", ""])
+SMALL = st.integers(-3, 6)
+
+
+@st.composite
+def header_entries(draw):
+    """A tensor entry: mostly well-formed, with any one part possibly replaced by arbitrary JSON."""
+    entry = {
+        "dtype": draw(DTYPES),
+        "shape": draw(st.lists(SMALL, max_size=3)),
+        "data_offsets": draw(st.lists(st.integers(-4, 80), min_size=0, max_size=3)),
+    }
+    spoil = draw(st.sampled_from([None, "dtype", "shape", "data_offsets", "extra", "missing", "whole"]))
+    if spoil == "whole":
+        return draw(JSON)
+    if spoil == "extra":
+        entry[draw(st.text(max_size=5))] = draw(JSON)
+    elif spoil == "missing":
+        del entry[draw(st.sampled_from(sorted(entry)))]
+    elif spoil is not None:
+        entry[spoil] = draw(JSON)
+    return entry
+
+
+@st.composite
+def safetensors_files(draw):
+    """The bytes of a file that claims to be safetensors: a length, a header, then data."""
+    form = draw(st.sampled_from(["entries", "valid-ish", "json", "raw", "deep"]))
+    if form == "entries":
+        keys = st.sampled_from(["s.lora_A.weight", "s.lora_B.weight", "__metadata__", "x"]) | st.text(max_size=6)
+        header = json.dumps(draw(st.dictionaries(keys, header_entries() | JSON, max_size=4))).encode()
+    elif form == "valid-ish":
+        r, m, n = draw(st.integers(0, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        a, b = r * n * 4, m * r * 4
+        metadata = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4) | JSON, max_size=2))
+        header_data = {"__metadata__": metadata,
+                       "s.lora_A.weight": {"dtype": "F32", "shape": [r, n], "data_offsets": [0, a]},
+                       "s.lora_B.weight": {"dtype": "F32", "shape": [m, r], "data_offsets": [a, a + b]}}
+        key = draw(st.sampled_from(["s.lora_A.weight", "s.lora_B.weight", None]))
+        if key is not None:
+            field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+            header_data[key][field] = draw(JSON | st.lists(SMALL, max_size=3))
+        header = json.dumps(header_data).encode()
+    elif form == "json":
+        header = json.dumps(draw(JSON)).encode()
+    elif form == "raw":
+        header = draw(st.binary(max_size=64))
+    else:
+        depth = draw(st.integers(1, 200_000))
+        header = draw(st.sampled_from([b"[", b'{"a":'])) * depth
+    data = draw(st.binary(max_size=96))
+    length = len(header) if draw(st.integers(0, 3)) else draw(st.integers(0, 2**64 - 1))  # mostly the true length
+    return struct.pack("<Q", length) + header + data
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(safetensors_files())
+def test_every_safetensors_header_gives_an_adapter_or_a_format_error(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("st") / "a.safetensors"
+    path.write_bytes(blob)
+    try:
+        adapter = read_adapter(path)
+    except AdapterFormatError as exc:
+        assert str(exc) and "\n" not in str(exc), str(exc)
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect
+        pytest.fail(f"{type(exc).__name__} instead of an AdapterFormatError: {exc}")
+    else:
+        assert all(d.A.ndim == 2 and d.B.ndim == 2 for d in adapter.deltas.values())
 
 
 # ----------------------------------------------------------------------------- corrupted artefacts
@@ -344,7 +528,7 @@ def no_backoff(monkeypatch):
      ("resolve", "drop"), ("resolve", "slow"), ("blob", "500"), ("blob", "drop"), ("blob", "slow")],
 )
 def test_pull_faults_give_a_clear_error_and_the_retry_succeeds(pushed, hub, step, kind, tmp_path, monkeypatch, no_backoff):
-    from erasepro_hub.hub.publish import pull
+    from erasepro_hub.hub.pull import pull
 
     repo_id, sha = pushed
     monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
@@ -413,5 +597,8 @@ def test_templates_never_evaluate_user_strings():
     payload = "{{ ''.__class__.__mro__ }} {% for x in range(3) %}X{{x}}Y{% endfor %}"
     manifest = fixed_manifest(concepts=[{"target": payload, "anchor": "art"}], description=payload)
     text = render_card(manifest)
-    assert payload in text  # verbatim in the manifest block: data, not template source
+    # verbatim in the manifest block (data, not template source): the YAML there reads back to the payload
+    block = text.split("yaml\n", 1)[1].split("\n```", 1)[0]
+    recipe = yaml.safe_load(block)
+    assert recipe["description"] == payload and recipe["concepts"][0]["target"] == payload
     assert "X0Y" not in text and "<class" not in text

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from ..solver import LowRankDelta
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 HEADER_RECIPE = "erasepro.recipe_sha256"
+HEADER_MANIFEST = "erasepro.manifest_sha256"  # recipe + outputs + metrics (docs/design.md §4.1)
 HEADER_VERSION = "erasepro.version"
 HEADER_FORMAT = "erasepro.format"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -143,10 +145,13 @@ def save_adapter(
     version: str,
     fmt: str = "lora",
     dtype: torch.dtype = torch.float32,
+    manifest_sha256: str | None = None,
 ) -> str:
     """Write the adapter file; returns its sha256."""
     state = to_state_dict(deltas, fmt=fmt, dtype=dtype)
     metadata = {"format": "pt", HEADER_RECIPE: recipe_sha256, HEADER_VERSION: version, HEADER_FORMAT: fmt}
+    if manifest_sha256 is not None:
+        metadata[HEADER_MANIFEST] = manifest_sha256
     write_safetensors(path, state, metadata)
     return file_sha256(path)
 
@@ -162,29 +167,110 @@ class AdapterFile:
     def recipe_sha256(self) -> str | None:
         return self.metadata.get(HEADER_RECIPE)
 
+    @property
+    def manifest_sha256(self) -> str | None:
+        return self.metadata.get(HEADER_MANIFEST)
+
+
+#: bytes per element of each safetensors dtype
+_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+#: the safetensors format's own bound on the header
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: more dimensions than any tensor of an adapter (2) or a model has
+_MAX_DIMS = 8
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise ValueError("a key appears twice in one mapping")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_problem(entry: object) -> str | None:
+    """Why a tensor entry of the header is malformed, or ``None``."""
+    if not isinstance(entry, dict):
+        return f"entry is a {type(entry).__name__}, not a mapping of dtype, shape and data_offsets"
+    if set(entry) != {"dtype", "shape", "data_offsets"}:
+        return f"entry has the keys {_short(sorted(entry))}, expected dtype, shape and data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
+        return f"dtype {_short(dtype)} is not one of {', '.join(_DTYPE_SIZES)}"
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_int(n) and n >= 0 for n in shape):
+        return f"shape {_short(shape)} is not a list of at most {_MAX_DIMS} non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) for n in offsets)):
+        return f"data_offsets {_short(offsets)} is not a pair of integers [begin, end]"
+    if not 0 <= offsets[0] <= offsets[1]:
+        return f"data_offsets {_short(offsets)} are not in order (0 <= begin <= end)"
+    return None
+
 
 def _header(path: Path) -> tuple[dict, int]:
-    """Parse the safetensors header ourselves so that truncation gets a precise message."""
+    """Parse and check the safetensors header ourselves before the safetensors library sees the file.
+
+    ``__metadata__`` maps strings to strings; each tensor has a known ``dtype``, a ``shape`` of non-negative
+    integers and ``data_offsets`` ``[begin, end]`` spanning exactly its bytes; the tensors tile the data
+    with no gap, overlap or excess. Any problem is an :class:`AdapterFormatError` with a one-line reason.
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) < 8:
             raise AdapterFormatError(f"{path} is not a safetensors file: only {size} bytes")
         (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, 100 * 1024 * 1024):
+        if length > min(size - 8, _MAX_HEADER_BYTES):
             raise AdapterFormatError(f"{path} is truncated or not a safetensors file (header length {length})")
         try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise AdapterFormatError(f"{path} has a corrupted safetensors header (not valid JSON)") from None
+            header = json.loads(
+                handle.read(length), object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_constant
+            )
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
+            raise AdapterFormatError(f"{path} has a corrupted safetensors header (not valid JSON: {reason})") from None
     if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path} has a corrupted safetensors header")
+        kind = type(header).__name__
+        raise AdapterFormatError(f"{path} has a corrupted safetensors header (a {kind}, not a mapping)")
+    metadata = {} if header.get("__metadata__") is None else header["__metadata__"]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{path} has a corrupted safetensors header: __metadata__ must map strings to strings")
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    for key, entry in tensors.items():
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise AdapterFormatError(f"{path} has a corrupted safetensors header: {_short(key)}: {problem}")
     data_size = size - 8 - length
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
-    if ends and max(ends) != data_size:
+    spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], key) for key, entry in tensors.items())
+    end = max((stop for _, stop, _ in spans), default=0)
+    if end != data_size:
         raise AdapterFormatError(
-            f"{path} is truncated or padded: its header describes {max(ends)} bytes of tensors, the file holds {data_size}"
+            f"{path} is truncated or padded: its header describes {end} bytes of tensors, the file holds {data_size}"
         )
+    position = 0
+    for begin, stop, key in spans:
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise AdapterFormatError(f"{path} has a corrupted safetensors header: {_short(key)} {what}")
+        entry = tensors[key]
+        expected = math.prod(entry["shape"]) * _DTYPE_SIZES[entry["dtype"]]
+        if stop - begin != expected:
+            raise AdapterFormatError(
+                f"{path} has a corrupted safetensors header: {_short(key)} spans {stop - begin} bytes, its dtype "
+                f"{entry['dtype']} and shape {entry['shape']} need {expected}"
+            )
+        position = stop
     return header, length
 
 

@@ -10,7 +10,9 @@ A prompt set is a table with a ``prompt`` column and, optionally:
   contain a target (a misspelling, say) must give it.
 
 Sources: ``path/to/prompts.{json,jsonl,csv,parquet}``, or ``org/name[@revision][:split]`` for a
-Hub dataset (the revision is resolved to a commit sha and recorded).
+Hub dataset (the revision is resolved to a commit sha and recorded). ``split`` is a split name or a
+``datasets`` split expression (``test[:100]``, ``train+test``); a split the dataset lacks, and a file
+the dataset library cannot parse, are a :class:`~erasepro_hub.errors.ManifestError` naming them.
 """
 
 from __future__ import annotations
@@ -82,23 +84,58 @@ def parse_dataset_ref(spec: str) -> tuple[str, str | None, str]:
     return repo_id, revision or None, split or "train"
 
 
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception (or, for the dataset library's wrapper errors, its cause) as one short line."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def split_names(split: str) -> list[str]:
+    """The split names a ``datasets`` split expression reads: ``"train[:10%]+test"`` → ``["train", "test"]``."""
+    return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+def _load_table(spec: str, split: str, **source):
+    """Prepare a dataset and return one split of it; unknown splits and unreadable files are ManifestErrors."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
+    try:
+        builder = datasets.load_dataset_builder(**source)
+        builder.download_and_prepare()
+    except (DatasetGenerationError, ArrowException) as exc:
+        raise ManifestError(f"--prompts {spec}: cannot read the prompts ({_reason(exc)})") from None
+    available = list(builder.info.splits or {})
+    unknown = [name for name in split_names(split) if name not in available]
+    if unknown:
+        raise ManifestError(
+            f"--prompts {spec}: the dataset has no split {unknown[0]!r}; available: {', '.join(available) or 'none'}"
+        )
+    try:
+        return builder.as_dataset(split=split)
+    except ValueError as exc:  # a malformed split expression, e.g. "train[:x]"
+        raise ManifestError(f"--prompts {spec}: split {split!r} cannot be read: {_reason(exc)}") from None
+
+
 def load_prompt_set(spec: str, concepts: Sequence[tuple[str, str]]) -> PromptSet:
     """Load a prompt set from a local file or a Hub dataset (revision resolved to a commit)."""
-    import datasets
-
     path = Path(spec).expanduser()
     revision = None
     if path.exists():
         builder = FORMATS.get(path.suffix.lower())
         if builder is None:
             raise ManifestError(f"--prompts {spec}: unsupported file type {path.suffix!r}; use {', '.join(FORMATS)}")
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if not path.is_file():
+            raise ManifestError(f"--prompts {spec}: not a file")
+        table = _load_table(spec, "train", path=builder, data_files=str(path))
     else:
-        from ..hub.publish import resolve
+        from ..hub.client import resolve_revision
 
         repo_id, rev, split = parse_dataset_ref(spec)
-        revision = resolve(repo_id, rev, repo_type="dataset")
-        table = datasets.load_dataset(repo_id, revision=revision, split=split)
+        revision = resolve_revision(repo_id, rev, repo_type="dataset")
+        table = _load_table(spec, split, path=repo_id, revision=revision)
     if "prompt" not in table.column_names:
         raise ManifestError(f"--prompts {spec}: needs a 'prompt' column, has {', '.join(table.column_names)}")
     result = rows_to_prompt_set(list(table), concepts, source=spec)
