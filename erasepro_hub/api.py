@@ -42,10 +42,10 @@ def load_adapter(
         BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
         AdapterFormatError, ManifestError: the folder is not a readable erasure.
     """
-    from .hub.publish import looks_like_repo
+    from .hub.client import looks_like_repo, parse_ref
 
     if looks_like_repo(path):
-        from .hub.publish import fetch_verified, parse_ref
+        from .hub.pull import fetch_verified
 
         repo_id, pinned = parse_ref(str(path))
         if pinned is not None and revision is not None and pinned != revision:
@@ -75,7 +75,7 @@ def push(
     """
     from .adapters.folder import open_folder
     from .cards import write_card
-    from .hub.publish import parse_ref
+    from .hub.client import parse_ref
     from .hub.publish import push as push_folder
 
     opened = open_folder(folder)  # refuses a folder whose files do not match the manifest's hashes

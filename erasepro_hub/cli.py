@@ -3,6 +3,9 @@
 Exit codes: 0 ok, 1 a check ran and failed, 2 bad input (the message names the
 problem and the fix). Data goes to stdout, diagnostics and progress to stderr.
 Heavy libraries are imported only by the command that needs them.
+
+Why one module of this length: one small function per command plus the parser; each command
+is a few lines over the library, and keeping them together shows the whole command surface at once.
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     if result.max_abs_diff > result.atol:
         worst = max(result.per_site, key=result.per_site.get)
         print(
-            f"verification failed: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} exceeds the recorded "
-            f"tolerance {result.atol:.3e} (worst site {worst})",
+            f"verification failed: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} exceeds the "
+            f"tolerance {result.atol:.3e} for the adapter's dtype (worst site {worst})",
             file=sys.stderr,
         )
     return 1
@@ -100,7 +103,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters.folder import check_files, open_folder
-    from .errors import VerificationError
+    from .errors import AdapterFormatError, VerificationError
     from .layout import MANIFEST_FILE
     from .manifest import load_manifest
 
@@ -111,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if folder.is_dir():
             check_files(folder, manifest)
             open_folder(folder)
-    except VerificationError as exc:
+    except (VerificationError, AdapterFormatError) as exc:  # a damaged adapter is a failed integrity check too
         integrity, problem = "FAILED", str(exc)
     outputs = manifest.outputs
     sites = outputs.sites if outputs else []
@@ -169,7 +172,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .hub.publish import pull
+    from .hub.pull import pull
 
     result = pull(args.ref, args.out, overwrite=args.overwrite)
     print(f"pulled {result.repo_id}@{result.revision} = commit {result.commit} into {result.folder} (verified)", file=sys.stderr)

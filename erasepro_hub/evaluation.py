@@ -6,6 +6,9 @@
   ``metrics.json``, the manifest and the card (atomically).
 * :func:`compare` runs several methods and named setting variants on the same manifests and
   writes a side-by-side table (Markdown and JSON).
+
+Why one module of this length: ``eval`` and ``compare`` share the base loading and check, the
+variant parsing and the table columns; the metric computations themselves live in ``evaluate/``.
 """
 
 from __future__ import annotations

@@ -12,18 +12,14 @@ import torch
 
 from . import __version__
 from .adapters.fingerprint import weight_fingerprints
-from .adapters.lora import ADAPTER_FILE, file_sha256, save_adapter
+from .adapters.folder import manifest_sha256
+from .adapters.lora import ADAPTER_FILE, HEADER_MANIFEST, file_sha256, save_adapter, write_safetensors
 from .cards import write_card
 from .computation import Computation
 from .fsutil import atomic_folder
 from .layout import CARD_FILE, MANIFEST_FILE, METRICS_FILE
 from .manifest import Manifest, Outputs, Provenance, SiteRecord, dump_yaml, recipe_sha256, to_data
-from .solver import LowRankDelta
 
-#: ``regenerate --verify`` accepts a max abs difference of this fraction of the largest |ΔW| entry.
-#: It covers float32 feature differences between machines, thread counts and devices; a changed
-#: recipe setting moves ΔW by orders of magnitude more.
-REGENERATE_RTOL = 1e-4
 
 LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "pydantic", "huggingface_hub")
 
@@ -58,11 +54,6 @@ def base_fingerprints(comp: Computation) -> dict[str, dict[str, str]]:
     return {site.key: weight_fingerprints(comp.model.weight(site.key)) for site in comp.solution.sites}
 
 
-def _regenerate_atol(deltas: dict[str, LowRankDelta]) -> float:
-    largest = max((float(d.dense().abs().max()) for d in deltas.values() if d.rank), default=0.0)
-    return max(REGENERATE_RTOL * largest, 1e-12)
-
-
 def _provenance(comp: Computation, command: list[str] | None, device: str) -> Provenance:
     libraries = {}
     for name in LIBRARIES:
@@ -91,7 +82,6 @@ def build_manifest(comp: Computation, files: dict[str, str], metrics: dict, prov
         files=files,
         base_fingerprints=base_fingerprints(comp),
         sites=_site_records(comp),
-        regenerate_atol=_regenerate_atol(comp.stored),
     )
     data = to_data(comp.recipe)
     data.update(outputs=to_data(outputs), metrics=metrics, provenance=to_data(provenance))
@@ -113,36 +103,59 @@ def write_folder(
     recipe = comp.recipe
     rhash = recipe_sha256(recipe)
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        files = {
-            ADAPTER_FILE: save_adapter(
-                tmp / ADAPTER_FILE,
-                comp.stored,
-                recipe_sha256=rhash,
-                version=__version__,
-                fmt=recipe.adapter.format,
-                dtype=DTYPES[recipe.adapter.dtype],
-            )
-        }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        files[METRICS_FILE] = file_sha256(tmp / METRICS_FILE)
-        manifest = build_manifest(comp, files, metrics, _provenance(comp, command, device))
+        metrics_sha = file_sha256(tmp / METRICS_FILE)
+        # the adapter's header records the hash of the manifest, which records the adapter's sha256:
+        # the manifest hash leaves the adapter's own entry out, so it is taken before the adapter is written
+        manifest = build_manifest(comp, {METRICS_FILE: metrics_sha}, metrics, _provenance(comp, command, device))
+        adapter_sha = save_adapter(
+            tmp / ADAPTER_FILE,
+            comp.stored,
+            recipe_sha256=rhash,
+            version=__version__,
+            fmt=recipe.adapter.format,
+            dtype=DTYPES[recipe.adapter.dtype],
+            manifest_sha256=manifest_sha256(manifest),
+        )
+        manifest = _with_files(manifest, {ADAPTER_FILE: adapter_sha, METRICS_FILE: metrics_sha})
         (tmp / MANIFEST_FILE).write_text(dump_yaml(manifest), encoding="utf-8")
         write_card(tmp, manifest)
     return Path(out)
 
 
+def _with_files(manifest: Manifest, files: dict[str, str]) -> Manifest:
+    data = to_data(manifest)
+    data["outputs"]["files"] = files
+    return Manifest.model_validate(data)
+
+
+def _restamp_adapter(src: Path, dst: Path, manifest: Manifest) -> str:
+    """Copy an adapter file with its header's manifest hash replaced (tensors byte for byte); its sha256."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt", device="cpu") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    metadata[HEADER_MANIFEST] = manifest_sha256(manifest)
+    write_safetensors(dst, tensors, metadata)
+    return file_sha256(dst)
+
+
 def update_folder(folder: str | Path, manifest: Manifest, metrics: dict) -> Path:
     """Replace an erasure folder's metrics (metrics.json, the manifest, the card), atomically.
 
-    The adapter and the recipe are untouched; ``outputs.files`` gets the new hash of metrics.json.
+    The recipe and the adapter's tensors are untouched; ``outputs.files`` gets the new hash of metrics.json,
+    and the adapter's header the new manifest hash (so the adapter file's sha256 changes too).
     """
     import shutil
 
     folder = Path(folder)
     assert manifest.outputs is not None
+    adapter = manifest.outputs.adapter_file
     with atomic_folder(folder, overwrite=True) as tmp:
         for item in folder.iterdir():
-            if item.name in (METRICS_FILE, MANIFEST_FILE, CARD_FILE) or item.suffix == ".png" and item.name != "samples.png":
+            skipped = (METRICS_FILE, MANIFEST_FILE, CARD_FILE, adapter)
+            if item.name in skipped or item.suffix == ".png" and item.name != "samples.png":
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -150,6 +163,9 @@ def update_folder(folder: str | Path, manifest: Manifest, metrics: dict) -> Path
         data["outputs"]["files"][METRICS_FILE] = file_sha256(tmp / METRICS_FILE)
         data["metrics"] = metrics
         updated = Manifest.model_validate(data)
+        files = dict(updated.outputs.files)
+        files[adapter] = _restamp_adapter(folder / adapter, tmp / adapter, updated)
+        updated = _with_files(updated, files)
         (tmp / MANIFEST_FILE).write_text(dump_yaml(updated), encoding="utf-8")
         write_card(tmp, updated)
     return folder

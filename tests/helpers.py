@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
+from safetensors import safe_open
 
 from erasepro_hub.recipe import training_pairs
-from erasepro_hub.manifest import load_manifest
+from erasepro_hub.adapters.folder import manifest_sha256
+from erasepro_hub.adapters.lora import HEADER_MANIFEST, file_sha256, write_safetensors
+from erasepro_hub.manifest import Manifest, dump_yaml, load_manifest, to_data
 from erasepro_hub.models.prompts import Prompt, encode, pair_positions
 
 
@@ -51,3 +57,25 @@ def kv_residuals(folder, edited_pipe, original_pipe):
     if ref_pooled is not None:
         pooled = float((got_pooled - ref_pooled).norm() / ref_pooled.norm())
     return residuals, pooled
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata())
+
+
+def forge(folder: Path, *, tensors=None, edit_manifest=None, restamp: bool = False) -> None:
+    """Forge a folder: new tensors and/or manifest edits, ``outputs.files`` updated to the new hashes;
+    with ``restamp`` the adapter's header also gets the forged manifest's hash (a fully consistent forgery)."""
+    path = folder / "pytorch_lora_weights.safetensors"
+    old_tensors, metadata = read_tensors(path)
+    data = yaml.safe_load((folder / "erasepro.yaml").read_text())
+    if edit_manifest:
+        edit_manifest(data)
+    manifest = Manifest.model_validate(data)
+    if restamp:
+        metadata[HEADER_MANIFEST] = manifest_sha256(manifest)
+    write_safetensors(path, tensors if tensors is not None else old_tensors, metadata)
+    data = to_data(manifest)
+    data["outputs"]["files"]["pytorch_lora_weights.safetensors"] = file_sha256(path)
+    (folder / "erasepro.yaml").write_text(dump_yaml(Manifest.model_validate(data)))

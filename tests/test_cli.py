@@ -115,7 +115,8 @@ def test_regenerate_verify_fails_after_editing_the_manifest(demo_folder, tmp_pat
 
 
 def test_regenerate_verify_fails_when_outputs_are_rewritten_consistently(demo_folder, tmp_path, capsys):
-    """Even a forger who edits the recipe and re-hashes it is caught by recomputing the deltas."""
+    """Even a forger who edits the recipe and re-hashes it (recipe, manifest, files) is caught by recomputing."""
+    from erasepro_hub.adapters.folder import manifest_sha256
     from erasepro_hub.adapters.lora import HEADER_RECIPE, file_sha256, read_adapter, save_adapter
     from erasepro_hub.manifest import dump_yaml, load_manifest, recipe_sha256, to_data
     from erasepro_hub.manifest.schema import Manifest
@@ -128,14 +129,17 @@ def test_regenerate_verify_fails_when_outputs_are_rewritten_consistently(demo_fo
     forged = Manifest.model_validate(data)
     new_hash = recipe_sha256(forged)
     adapter = read_adapter(folder / "pytorch_lora_weights.safetensors")
-    sha = save_adapter(folder / "pytorch_lora_weights.safetensors", adapter.deltas, recipe_sha256=new_hash, version="x")
     data["outputs"]["recipe_sha256"] = new_hash
+    sha = save_adapter(
+        folder / "pytorch_lora_weights.safetensors", adapter.deltas, recipe_sha256=new_hash, version="x",
+        manifest_sha256=manifest_sha256(Manifest.model_validate(data)),
+    )
     data["outputs"]["files"]["pytorch_lora_weights.safetensors"] = sha
     (folder / "erasepro.yaml").write_text(dump_yaml(Manifest.model_validate(data)))
     assert read_adapter(folder / "pytorch_lora_weights.safetensors").metadata[HEADER_RECIPE] == new_hash
     assert file_sha256(folder / "pytorch_lora_weights.safetensors") == sha
     assert main(["regenerate", str(folder), "--verify"]) == 1
-    assert "exceeds the recorded tolerance" in capsys.readouterr().err
+    assert "exceeds the tolerance" in capsys.readouterr().err
 
 
 def test_regenerate_rebuilds_the_adapter_bit_for_bit(demo_folder, tmp_path, capsys):

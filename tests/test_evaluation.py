@@ -14,6 +14,7 @@ from erasepro_hub.evaluation import Variant, parse_variant, with_overrides
 from erasepro_hub.manifest import load_manifest
 
 from conftest import DEMO, REPO
+from helpers import forge
 
 
 def test_eval_writes_metrics_baseline_and_card(demo_folder, tmp_path, capsys):
@@ -41,12 +42,14 @@ def test_eval_writes_metrics_baseline_and_card(demo_folder, tmp_path, capsys):
 def test_eval_refuses_other_base_weights(demo_folder, tmp_path, capsys):
     folder = tmp_path / "demo"
     shutil.copytree(demo_folder, folder)
-    text = (folder / "erasepro.yaml").read_text()
     first = load_manifest(folder).outputs.base_fingerprints
     key = next(iter(first))
-    # the recorded fingerprints are outputs (not in the recipe hash): the folder still opens,
-    # but the base model no longer matches them
-    (folder / "erasepro.yaml").write_text(text.replace(first[key]["float32"], "f" * 64))
+
+    def other_base(data):
+        data["outputs"]["base_fingerprints"][key]["float32"] = "f" * 64
+
+    # a consistent forgery (manifest hash restamped): the folder opens, but the base no longer matches
+    forge(folder, edit_manifest=other_base, restamp=True)
     assert main(["eval", str(folder)]) == 2
     assert "weights differ" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from helpers import kv_residuals
 from erasepro_hub.cli import main
 from erasepro_hub.errors import HubError, VerificationError
 from erasepro_hub.api import push
-from erasepro_hub.hub.publish import PushResult, pull
+from erasepro_hub.hub.publish import PushResult
+from erasepro_hub.hub.pull import pull
 from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.loading import load_builtin
 
@@ -354,7 +355,7 @@ def test_a_slow_server_delays_a_push_but_never_splits_it(step, demo_folder, tmp_
 
 
 def test_one_rule_says_what_is_a_hub_repository(tmp_path, monkeypatch):
-    from erasepro_hub.hub.publish import looks_like_repo
+    from erasepro_hub.hub.client import looks_like_repo
 
     monkeypatch.chdir(tmp_path)
     assert looks_like_repo("demo/van-gogh") and looks_like_repo("demo/van-gogh@v1")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -100,14 +100,49 @@ class AppliedAdapter:
 
 
 def _hook(delta: LowRankDelta, weight: torch.Tensor):
-    A = delta.A.to(device=weight.device, dtype=weight.dtype)
-    B = delta.B.to(device=weight.device, dtype=weight.dtype)
+    """``y + ΔW x`` with the factors on the weight's device and in its dtype (as PEFT computes a LoRA layer)."""
+    factors = LowRankDelta(delta.B.to(weight.device, weight.dtype), delta.A.to(weight.device, weight.dtype))
 
     def forward_hook(module, args, output):
-        x = args[0]
-        return output + (x.to(A.dtype) @ A.T) @ B.T
+        return output + factors.apply(args[0].to(weight.dtype))
 
     return forward_hook
+
+
+def check_not_stacked(target: Any, keys: Iterable[str]) -> None:
+    """Refuse sites that already carry an erasure or a LoRA adapter: applying again would add ``ΔW`` twice.
+
+    Two kinds are seen: an erasure applied with :func:`load_adapter` (ours, still active), and the LoRA layers
+    ``pipe.load_lora_weights`` installs (PEFT wrappers with a ``lora_A`` entry). A LoRA already fused into the
+    weights is not visible here; the base-weight fingerprints catch it.
+    """
+    keys = list(keys)
+    try:
+        applied = [a for a in _REGISTRY.get(target, []) if a.active]
+    except TypeError:  # the target cannot be weakly referenced
+        applied = []
+    for handle in applied:
+        shared = sorted(set(keys) & set(handle.modules))
+        if shared:
+            raise BaseMismatchError(
+                f"the pipeline already carries the erasure {handle.source or 'applied earlier'} on {shared[0]} "
+                f"(and {len(shared) - 1} more sites); call .remove() on its handle or "
+                "erasepro_hub.unload_adapter(pipe) before loading another"
+            )
+    for key in keys:
+        component, path = split_key(key)
+        root = getattr(target, component, None)
+        try:
+            module = get_module(root, path) if isinstance(root, nn.Module) else None
+        except KeyError:
+            continue
+        names = list(getattr(module, "lora_A", None) or {})
+        if names:
+            raise BaseMismatchError(
+                f"{key} already carries the LoRA adapter(s) {', '.join(map(repr, names))} "
+                "(pipe.load_lora_weights); an erasure loaded twice is applied twice. Use one loader: call "
+                "pipe.unload_lora_weights() first, or keep the diffusers-loaded one"
+            )
 
 
 @torch.no_grad()
@@ -158,9 +193,10 @@ def load_adapter(pipe: Any, path: str | Path, *, fuse: bool = False, verify_base
         BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
         AdapterFormatError, ManifestError: the folder is not a readable erasure.
     """
-    folder: ErasureFolder = open_folder(path)
+    folder: ErasureFolder = open_folder(path)  # also refuses adapter sites the manifest does not record
     deltas = folder.adapter.deltas
     modules = {key: resolve_site(pipe, key) for key in deltas}
+    check_not_stacked(pipe, deltas)
     check_shapes(modules, deltas)
     if verify_base:
         manifest = folder.manifest

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import AdapterFormatError, UnsafePathError, VerificationError
 from ..layout import MANIFEST_FILE
-from ..manifest import Manifest, load_manifest, recipe_sha256
+from ..manifest import Manifest, canonical_json, load_manifest, recipe_sha256, to_data
 from .lora import AdapterFile, file_sha256, read_adapter
 
 
@@ -29,6 +30,27 @@ class ErasureFolder:
     def adapter_path(self) -> Path:
         assert self.manifest.outputs is not None
         return self.path / self.manifest.outputs.adapter_file
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    """The hash the adapter's header records: recipe, outputs and metrics (not provenance).
+
+    The adapter's own entry of ``outputs.files`` is left out (the file holds this hash); every other
+    file of the folder is covered through its recorded sha256.
+    """
+    data = to_data(manifest)
+    data.pop("provenance", None)
+    outputs = data.get("outputs") or {}
+    files = dict(outputs.get("files") or {})
+    files.pop(outputs.get("adapter_file"), None)
+    data["outputs"] = {**outputs, "files": files}
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def recorded_sites(manifest: Manifest) -> set[str]:
+    """The sites the manifest says hold an update (``outputs.sites`` with a non-zero stored rank)."""
+    assert manifest.outputs is not None
+    return {site.name for site in manifest.outputs.sites if site.update_rank}
 
 
 def check_files(path: Path, manifest: Manifest) -> None:
@@ -75,4 +97,21 @@ def open_folder(path: str | Path) -> ErasureFolder:
             f"{path / adapter_name} was made from another recipe: its header says "
             f"{(adapter.recipe_sha256 or 'nothing')[:16]}…, the manifest {recorded[:16]}…"
         )
+    whole = manifest_sha256(manifest)
+    if adapter.manifest_sha256 != whole:
+        raise VerificationError(
+            f"{path / MANIFEST_FILE} does not match the adapter it describes: outputs or metrics were edited "
+            f"(the manifest hashes to {whole[:16]}…, the adapter's header records "
+            f"{(adapter.manifest_sha256 or 'nothing')[:16]}…); erase or pull the folder again"
+        )
+    sites = recorded_sites(manifest)
+    unrecorded = sorted(set(adapter.deltas) - sites)
+    if unrecorded:
+        raise VerificationError(
+            f"{path / adapter_name} holds {len(unrecorded)} site(s) the manifest does not record, first "
+            f"{unrecorded[0]}; an adapter applies exactly the sites in outputs.sites"
+        )
+    missing = sorted(sites - set(adapter.deltas))
+    if missing:
+        raise VerificationError(f"{path / adapter_name} lacks the site {missing[0]} that outputs.sites records")
     return ErasureFolder(path, manifest, adapter)

@@ -25,6 +25,9 @@ the same call the solver makes):
 
 ``K'`` is computed as the adapter-loaded pipeline computes it: the edited text encoder (forward
 hooks with the stored factors), then ``x Wᵀ + (x Aᵀ) Bᵀ`` in the model's dtype.
+
+Why one module of this length: every metric above is computed from the same K/V and pooled
+features of one pass over the prompts; one module computes them once and keeps their definitions side by side.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ applied with the factors in the adapter's dtype, the way PEFT does). A second
 forward pass over the anchor prompts through the original model gives the
 targets ``T``. Cost: about one text-encoder pass for targets plus one for
 anchors, whatever the depth.
+
+Why one module of this length: tokenising, staging, the anchor pass, the target pass and the
+final K/V stage all read the same ``_Tokens`` and ``_Stage`` records and must agree position for
+position; keeping them together keeps that agreement visible in one file.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ Token policies (by name, recorded in the manifest) choose which of those pairs a
 * ``concept-suffix``: ``concept-eos`` and the padding up to the window end;
 * ``all``: every pair, the prefix included whatever the encoder;
 * ``eos``: the end-of-text token only; ``last-token``: the token before it (UCE's newer script).
+
+Why one module of this length: templates, tokenisation and the position pairing are one
+contract (the solver, the pooled stage and every metric must pair the same tokens); splitting it
+would put the two halves of :func:`align`'s rule in different files.
 """
 
 from __future__ import annotations

@@ -44,6 +44,10 @@ survive (dependent constraints, or ``N`` beyond the input width ``d``), the
 answer is the minimum-norm least-squares update and the achieved residual is
 reported; :func:`solve` warns (or raises under ``strict``) when that residual
 exceeds ``residual_tol``.
+
+Why one module of this length: the three solvers (ErasePro exact, its soft-preservation and
+soft-target variants, UCE) share the factorisation type, the rank rule and the residual checks; split
+apart, each would re-state the maths the others rely on. Every function is one step of the docstring above.
 """
 
 from __future__ import annotations
