@@ -305,7 +305,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
         "residual_tol": plan.residual_tol,
         "max_residual_te": max((r.residual for r in te), default=None),
         "max_residual_kv": max(r.residual for r in kv),
-        "te_rank": max((r.rank for r in te), default=0),
+        "te_rank": max((r.constraint_rank for r in te), default=0),
         "kv_update_rank": max(r.update_rank for r in kv),
     }
 

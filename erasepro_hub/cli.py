@@ -192,7 +192,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate.images import ImageOptions
+    from .metrics.images import ImageOptions
     from .evaluation import evaluate_folder
 
     options = ImageOptions(

@@ -76,7 +76,7 @@ def compute(
 
 def compute_metrics(comp: Computation) -> dict:
     """The feature metrics of a computation, with the adapter as stored (docs/design.md §5)."""
-    from .evaluate.features import feature_metrics
+    from .metrics.features import feature_metrics
 
     recipe = comp.recipe
     metrics = feature_metrics(

@@ -8,7 +8,7 @@
   writes a side-by-side table (Markdown and JSON).
 
 Why one module of this length: ``eval`` and ``compare`` share the base loading and check, the
-variant parsing and the table columns; the metric computations themselves live in ``evaluate/``.
+variant parsing and the table columns; the metric computations themselves live in ``metrics/``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from .adapters.fingerprint import check_fingerprints
 from .adapters.folder import open_folder
 from .erase import LoadedBase, compute, load_base
 from .errors import ManifestError
-from .evaluate.features import feature_metrics
-from .evaluate.images import ImageOptions
-from .evaluate.prompt_sets import PromptSet, load_prompt_set
+from .metrics.features import feature_metrics
+from .metrics.images import ImageOptions
+from .metrics.prompt_sets import PromptSet, load_prompt_set
 from .manifest import Recipe, load_manifest, to_data
 from .naming import is_kv_key
 from .output import update_folder
@@ -148,7 +148,7 @@ def evaluate_folder(
 def _image_evaluation(folder: Path, recipe: Recipe, heldout, preserve, options: ImageOptions, state, device: str) -> dict | None:
     """Generate with the base and the edited pipeline (sharded), score on the main process."""
     from .adapters.apply import load_adapter
-    from .evaluate.images import generate, image_metrics, load_detector
+    from .metrics.images import generate, image_metrics, load_detector
     from .models.loading import DTYPES
     from .models.scoring import load_clip, load_pipeline
 

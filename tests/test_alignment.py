@@ -179,7 +179,7 @@ def test_the_solver_and_the_metrics_pair_tokens_through_the_same_function(monkey
     from conftest import DEMO
 
     from erasepro_hub.erase import compute
-    from erasepro_hub.evaluate.features import feature_metrics
+    from erasepro_hub.metrics.features import feature_metrics
     from erasepro_hub.manifest import load_manifest, parse_manifest, to_data
     from erasepro_hub.recipe import training_pairs
 

@@ -35,7 +35,7 @@ def test_beyond_capacity_reports_rank_and_residual(erase_variant, capsys):
     assert len(kv) == 8 == len(manifest.outputs.sites)
     for site in kv:  # least squares: rank capped at the input width, residual reported
         assert site.n_constraints > 192
-        assert site.rank == 192
+        assert site.constraint_rank == 192
         assert site.residual > 1e-3
     assert manifest.metrics["residual_train"] > 1e-3
 
@@ -51,7 +51,7 @@ def test_the_progressive_solve_absorbs_it_in_the_wider_text_encoder_sites(erase_
     te = [s for s in manifest.outputs.sites if not s.name.startswith("unet.")]
     assert len(te) == 3  # layers 1-3 of the 4-layer encoder (text_encoder.first_layer: 1)
     for site in te:
-        assert site.n_constraints == 253 and site.rank == 253 and site.residual <= 1e-10
+        assert site.n_constraints == 253 and site.constraint_rank == 253 and site.residual <= 1e-10
     assert manifest.metrics["residual_train"] <= 1e-5
 
 
@@ -99,5 +99,5 @@ def test_beyond_capacity_in_the_python_api_warns():
     with pytest.warns(CapacityWarning, match="exceed the input width 192"):
         comp = compute(parse_manifest(yaml.safe_dump(data)))
     report = comp.solution.sites[0].report
-    assert report.rank == 192 and report.n_constraints == 253 and not report.within_capacity
+    assert report.constraint_rank == 192 and report.n_constraints == 253 and not report.within_capacity
     assert comp.stored[comp.solution.sites[0].key].dtype == torch.float32

@@ -32,7 +32,7 @@ def fixed_manifest(base_id: str = "alice/tiny-sd-base", **changes) -> Manifest:
     }
     recipe.update(changes)
     site = {"name": "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k", "stage": "unet.cross_attention",
-            "shape": [64, 192], "rank": 10, "update_rank": 10, "n_constraints": 10, "residual": 1e-15, "condition": 12.0,
+            "shape": [64, 192], "constraint_rank": 10, "update_rank": 10, "n_constraints": 10, "residual": 1e-15, "condition": 12.0,
             "delta_norm": 1.5, "delta_norm_rel": 0.25}
     data = {
         **recipe,

@@ -196,10 +196,10 @@ def test_folder_contents(demo_folder):
     for site in sites:
         if site.name.startswith("unet."):
             # surplus concept tokens and EOS all became the anchor's EOS: dependent (consistent) columns
-            assert site.rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
+            assert site.constraint_rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
             assert site.update_rank > 0
         else:
-            assert site.rank == site.n_constraints and site.update_rank > site.rank and site.residual <= 1e-10
+            assert site.constraint_rank == site.n_constraints and site.update_rank > site.constraint_rank and site.residual <= 1e-10
 
 
 @pytest.mark.parametrize(
@@ -231,5 +231,5 @@ def test_variants_reach_zero_residual_through_plain_diffusers(erase_variant, nam
         for site in manifest.outputs.sites:
             assert site.n_constraints == manifest.metrics["n_constrained_tokens"] + 32
             # the padding repeats itself, so the numerical rank can be below the column count
-            assert site.rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
+            assert site.constraint_rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
             assert site.preserve_residual <= 1e-10

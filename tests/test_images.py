@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from erasepro_hub.evaluate.images import (
+from erasepro_hub.metrics.images import (
     ImageOptions,
     clip_score,
     frechet_distance,

@@ -321,7 +321,7 @@ def prompt_repo(hub):
 
 
 def test_unknown_dataset_split_names_the_available_ones(prompt_repo):
-    from erasepro_hub.evaluate.prompt_sets import load_prompt_set
+    from erasepro_hub.metrics.prompt_sets import load_prompt_set
 
     with pytest.raises(ManifestError, match=r"'nosuch'.*train") as exc:
         load_prompt_set(f"{prompt_repo}:nosuch", [("Vincent van Gogh", "a painting")])
@@ -339,7 +339,7 @@ def test_eval_answers_an_unknown_split_with_exit_2(prompt_repo, demo_folder, tmp
 @pytest.mark.parametrize("suffix, content", [(".json", b'{"prompt": "a", '), (".csv", b'prompt\n"a\n'),
                                              (".parquet", b"PAR1garbage")])
 def test_corrupt_prompt_files_are_manifest_errors(tmp_path, suffix, content):
-    from erasepro_hub.evaluate.prompt_sets import load_prompt_set
+    from erasepro_hub.metrics.prompt_sets import load_prompt_set
 
     path = tmp_path / f"prompts{suffix}"
     path.write_bytes(content)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasepro_hub.adapters import load_adapter, read_adapter
-from erasepro_hub.evaluate.features import feature_metrics
+from erasepro_hub.metrics.features import feature_metrics
 from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.models.prompts import Prompt, PromptPair, fill
 

@@ -121,7 +121,7 @@ def test_an_unwritable_cache_still_solves(tmp_path, monkeypatch, caplog):
 
 def test_the_caption_set_keeps_unrelated_prompts_in_place():
     """The same erasure with and without the default caption set: unrelated prompts move less with it."""
-    from erasepro_hub.evaluate.features import feature_metrics
+    from erasepro_hub.metrics.features import feature_metrics
     from erasepro_hub.recipe import drift_prompts, training_pairs
 
     base = load_manifest(DEMO).recipe()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from erasepro_hub.errors import ManifestError
-from erasepro_hub.evaluate.prompt_sets import load_prompt_set, parse_dataset_ref, rows_to_prompt_set
+from erasepro_hub.metrics.prompt_sets import load_prompt_set, parse_dataset_ref, rows_to_prompt_set
 
 from conftest import TOKENS
 

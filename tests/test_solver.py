@@ -37,7 +37,7 @@ def test_constraint_holds_exactly(problem):
     result = erasepro_update(W, X, T)
     assert rel((W + result.delta.dense()) @ X, T) <= 1e-10
     assert result.report.residual <= 1e-10
-    assert result.report.rank == X.shape[1]
+    assert result.report.constraint_rank == X.shape[1]
     assert result.report.within_capacity
 
 
@@ -171,7 +171,7 @@ def test_over_capacity_gives_least_squares_and_warns():
     achieved = float(torch.linalg.norm((W + delta) @ X - T) / torch.linalg.norm(T))
     assert result.report.residual == pytest.approx(achieved, rel=1e-9)
     assert result.report.residual > 1e-3
-    assert result.report.rank == d
+    assert result.report.constraint_rank == d
     assert not result.report.within_capacity
     with pytest.raises(CapacityError, match="exceed the input width"):
         erasepro_update(W, X, T, strict=True)
@@ -186,7 +186,7 @@ def test_dependent_conflicting_constraints_report_residual():
     T = torch.randn(m, 7, generator=g, dtype=torch.float64)  # ... asked to map to different outputs
     with pytest.warns(CapacityWarning, match="dependent"):
         result = erasepro_update(W, X, T)
-    assert result.report.rank == 5
+    assert result.report.constraint_rank == 5
     assert rel(result.delta.dense(), (T - W @ X) @ torch.linalg.pinv(X)) <= 1e-9
     assert result.report.residual > 1e-3
     with pytest.raises(CapacityError):
@@ -203,7 +203,7 @@ def test_dependent_consistent_constraints_are_exact():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = erasepro_update(W, X, T, strict=True)
-    assert result.report.rank == 5 and result.report.residual <= 1e-10
+    assert result.report.constraint_rank == 5 and result.report.residual <= 1e-10
 
 
 def test_ridge_trades_residual_for_norm(problem):
@@ -260,7 +260,7 @@ def test_beyond_capacity_with_soft_preservation_is_the_metric_least_squares():
     Linv = torch.linalg.inv(L)
     expected = (T - W @ X) @ torch.linalg.pinv(Linv @ X) @ Linv
     assert rel(result.delta.dense(), expected) <= 1e-9
-    assert result.report.rank == d and result.report.n_constraints == n
+    assert result.report.constraint_rank == d and result.report.n_constraints == n
 
 
 # ----------------------------------------------------------------------------- soft terms

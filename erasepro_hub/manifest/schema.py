@@ -330,7 +330,7 @@ class SiteRecord(_Strict):
     name: str
     stage: str
     shape: list[int]
-    rank: int  # numerical rank of the constraints
+    constraint_rank: int  # numerical rank of the constraints (singular values kept)
     update_rank: int = 0  # rank of the stored update; 0 when the targets already held (nothing stored)
     n_constraints: int
     residual: float

@@ -249,7 +249,7 @@ class _Recorder:
 
     def add(self, key: str, stage: str, result) -> None:
         self.sites.append(SiteSolution(key, stage, result.delta, result.report))
-        logger.debug("%s: rank %d residual %.3e", key, result.report.rank, result.report.residual)
+        logger.debug("%s: constraint rank %d residual %.3e", key, result.report.constraint_rank, result.report.residual)
 
     def stage_done(self, name: str) -> None:
         if self.progress is not None:

@@ -1,7 +1,7 @@
 """Models used to *score* images (CLIP), and full pipelines for image generation.
 
 Only here (in ``models/``) are transformers and diffusers imported; the metrics
-themselves live in :mod:`erasepro_hub.evaluate.images` and see plain tensors.
+themselves live in :mod:`erasepro_hub.metrics.images` and see plain tensors.
 """
 
 from __future__ import annotations

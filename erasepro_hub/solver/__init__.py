@@ -6,7 +6,7 @@ used, read and tested without any model library.
     >>> from erasepro_hub.solver import erasepro_update
     >>> result = erasepro_update(W, X, T)      # (W + ΔW) X = T, ΔW minimum-norm
     >>> result.delta.B, result.delta.A         # exact low-rank factors
-    >>> result.report.residual, result.report.rank
+    >>> result.report.residual, result.report.constraint_rank
 """
 
 from .closed_form import (

@@ -99,7 +99,7 @@ class Factorization:
         AX, AP: ``A X`` and ``A P``, computed once for every site's report.
         n_targets: ``N``.
         n_constraints: ``N`` (+ ``M`` under exact preservation): the columns that must hold exactly.
-        rank: ``r``: singular values kept.
+        constraint_rank: ``r``: singular values kept (the numerical rank of the constraints).
         singular_values: the full spectrum the rank was read from (descending).
         rtol: the relative cut-off used.
         exact: whether the method aims at zero residual (``False`` for UCE and for a ridge).
@@ -116,7 +116,7 @@ class Factorization:
     AP: Tensor | None
     n_targets: int
     n_constraints: int
-    rank: int
+    constraint_rank: int
     singular_values: Tensor
     rtol: float
     exact: bool
@@ -130,9 +130,9 @@ class Factorization:
     @property
     def condition(self) -> float:
         """``σ_max / σ_r`` over the kept singular values (``inf`` when nothing was kept)."""
-        if self.rank == 0:
+        if self.constraint_rank == 0:
             return float("inf")
-        return float(self.singular_values[0] / self.singular_values[self.rank - 1])
+        return float(self.singular_values[0] / self.singular_values[self.constraint_rank - 1])
 
     def _cached(self, name: str, compute) -> Tensor:
         value = self.__dict__.get(name)
@@ -165,7 +165,7 @@ class SolveReport:
     n_targets: int
     n_constraints: int
     input_dim: int
-    rank: int
+    constraint_rank: int
     condition: float
     residual: float
     preserve_residual: float | None
@@ -180,7 +180,7 @@ class SolveReport:
             "n_targets": self.n_targets,
             "n_constraints": self.n_constraints,
             "input_dim": self.input_dim,
-            "rank": self.rank,
+            "constraint_rank": self.constraint_rank,
             "condition": self.condition,
             "residual": self.residual,
             "preserve_residual": self.preserve_residual,
@@ -316,7 +316,7 @@ def _zero_residual_factorization(
         AP=A @ P if P is not None else None,
         n_targets=X.shape[1],
         n_constraints=n_constraints,
-        rank=r,
+        constraint_rank=r,
         singular_values=s,
         rtol=rtol,
         exact=ridge == 0,
@@ -417,7 +417,7 @@ def factorize_uce(
         AP=A @ P if P is not None else None,
         n_targets=n,
         n_constraints=n,
-        rank=r,
+        constraint_rank=r,
         singular_values=s,
         rtol=rtol,
         exact=False,
@@ -490,7 +490,7 @@ def solve(
     if already_met:
         # the targets already hold within residual_tol (an earlier stage did the work): no exact update, so
         # the adapter does not carry corrections at the level of float32 rounding
-        B = R.new_zeros(m, fact.rank)
+        B = R.new_zeros(m, fact.constraint_rank)
     else:
         B = R_full @ fact.right
     if fact.exact and not already_met:  # one step of iterative refinement: corrects rounding, a no-op in exact arithmetic
@@ -520,13 +520,13 @@ def solve(
         wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m)))
         dp = float(torch.linalg.matrix_norm(B @ AP))
         preserve_residual = dp / wp if wp > 0 else dp
-    within = fact.rank >= fact.n_constraints
+    within = fact.constraint_rank >= fact.n_constraints
     report = SolveReport(
         method=fact.kind,
         n_targets=fact.n_targets,
         n_constraints=fact.n_constraints,
         input_dim=d,
-        rank=fact.rank,
+        constraint_rank=fact.constraint_rank,
         condition=fact.condition,
         residual=residual,
         preserve_residual=preserve_residual,
@@ -543,12 +543,12 @@ def solve(
         reason = (
             f"{fact.n_constraints} constraints exceed the input width {d}"
             if fact.n_constraints > d
-            else f"the {fact.n_constraints} constraint columns are dependent (numerical rank {fact.rank}"
+            else f"the {fact.n_constraints} constraint columns are dependent (numerical rank {fact.constraint_rank}"
             f" at rtol={fact.rtol:g})"
         )
         message = (
             f"zero residual is not reachable{where}: {reason}; used the least-squares update with rank "
-            f"{fact.rank}, relative residual {residual:.3e}"
+            f"{fact.constraint_rank}, relative residual {residual:.3e}"
             + (f", preserve residual {preserve_residual:.3e}" if preserve_residual is not None else "")
             + ". Fewer prompts or a narrower token policy (eos, last-token) bring it back within capacity."
         )
