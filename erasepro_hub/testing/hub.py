@@ -2,8 +2,10 @@
 
 Standard library + PyYAML, bound to 127.0.0.1 only. It speaks the subset of the
 Hub's HTTP API that ``huggingface_hub`` (with Xet disabled) uses to create
-repositories, commit (regular and LFS files), tag and branch, read repository
-info, trees, refs, commits and paths, and download files by revision. Tokens map
+repositories, commit (regular and LFS files, copies, pull requests), tag and branch
+(and delete both), change visibility and gating, list repositories, read repository
+info (card metadata included), trees, refs, commits and paths, and download files by
+revision (``refs/pr/N`` included). Tokens map
 to users; a user writes to their own namespace and their organisations', and
 private repositories are invisible (404) to everybody else.
 
@@ -27,7 +29,9 @@ downloads at named steps.
 
 The modules: this one (the server, its users and faults, the command line),
 :mod:`.wire` (HTTP plumbing), :mod:`.routes_repos` (repositories and reads),
-:mod:`.routes_upload` (uploads and commits), :mod:`.store` and :mod:`.blobs` (storage).
+:mod:`.routes_listing` (repository info and listings), :mod:`.routes_manage` (ref deletion, settings),
+:mod:`.routes_upload` (uploads, commits, pull requests), :mod:`.store`, :mod:`.records` and :mod:`.blobs`
+(storage).
 
 Run it for the offline demo::
 
@@ -50,7 +54,7 @@ from urllib.parse import parse_qs, unquote, urlencode
 
 import yaml
 
-from . import routes_repos, routes_upload  # noqa: F401  (they register the routes)
+from . import routes_listing, routes_manage, routes_repos, routes_upload  # noqa: F401  (they register the routes)
 from .blobs import DEFAULT_MAX_UPLOAD_BYTES
 from .store import Repo, Store, StoreError
 from .wire import RequestRecord, error, make_handler

@@ -1,9 +1,12 @@
 """Routes of the local Hub that manage and read repositories: identity, create/delete, YAML validation,
-info, trees, refs, commits, paths, tags, branches, and file downloads (``/resolve`` and the storage port).
+trees, refs, commits, paths, tag and branch creation, and file downloads (``/resolve`` and the storage port).
+Repository info and listings are in :mod:`.routes_listing`; deletions of refs and settings in
+:mod:`.routes_manage`.
 
 Reads follow visibility (a private repository is a 404 to anybody without write access to it);
-tags and branches need write access. Large files answer ``/resolve`` with a 302 to the storage
-port (another origin, as the Hub's CDN), whose links are signed.
+tags and branches need write access. The files of a gated repository are for those with write access
+(401/403 ``GatedRepo`` to others; its metadata and file list stay readable). Large files answer
+``/resolve`` with a 302 to the storage port (another origin, as the Hub's CDN), whose links are signed.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from urllib.parse import parse_qs, unquote
 
 import yaml
 
-from ..layout import front_matter, front_matter_text
-from .store import REPO_TYPES
+from ..layout import front_matter_text
+from .store import COMMIT_RE, REPO_TYPES
 from .wire import PREFIX, REPO, TYPE, Reply, error, json_body, route
 
 if TYPE_CHECKING:
@@ -28,13 +31,6 @@ def _entry_json(entry) -> dict:
     if entry.lfs:
         data["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": 134}
     return data
-
-
-def _card_data(server: HubServer, commit) -> dict | None:
-    entry = commit.files.get("README.md")
-    if entry is None:
-        return None
-    return front_matter(server.store.read_blob(entry.sha256).decode("utf-8", "replace"))
 
 
 @route("GET", "whoami", r"/api/whoami-v2")
@@ -91,37 +87,6 @@ def validate_yaml(server: HubServer, req, m):
     return {"errors": [], "warnings": []}
 
 
-def _info(server: HubServer, req, m, revision: str | None):
-    user = server.user(req.headers)
-    repo = server.repo(m["type"][:-1], m["ns"], m["name"], user)
-    commit = server.resolve(repo, revision or "main")
-    blobs = "blobs" in parse_qs(req.query) and parse_qs(req.query)["blobs"][0].lower() in ("1", "true")
-    siblings = []
-    for path in sorted(commit.files):
-        entry = commit.files[path]
-        sibling = {"rfilename": path}
-        if blobs:
-            sibling.update(size=entry.size, blobId=entry.git_oid)
-            if entry.lfs:
-                sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size, "pointerSize": 134}
-        siblings.append(sibling)
-    card = _card_data(server, commit)
-    return {"_id": repo.id, "id": repo.id, "modelId": repo.id, "author": repo.namespace, "sha": commit.oid,
-            "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
-            "tags": list((card or {}).get("tags") or []), "siblings": siblings, "cardData": card,
-            "lastModified": commit.date, "createdAt": repo.created_at, "usedStorage": 0}
-
-
-@route("GET", "repo-info", "/api/" + TYPE + "/" + REPO)
-def repo_info(server, req, m):
-    return _info(server, req, m, None)
-
-
-@route("GET", "repo-info-rev", "/api/" + TYPE + "/" + REPO + r"/revision/(?P<rev>[^/]+)")
-def repo_info_rev(server, req, m):
-    return _info(server, req, m, m["rev"])
-
-
 @route("GET", "tree", "/api/" + TYPE + "/" + REPO + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?")
 def tree(server: HubServer, req, m):
     user = server.user(req.headers)
@@ -153,7 +118,11 @@ def refs(server: HubServer, req, m):
     repo = server.repo(m["type"][:-1], m["ns"], m["name"], server.user(req.headers))
     branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid} for b, oid in sorted(repo.branches.items())]
     tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in sorted(repo.tags.items())]
-    return {"branches": branches, "tags": tags, "converts": []}
+    answer = {"branches": branches, "tags": tags, "converts": []}
+    if parse_qs(req.query).get("include_prs", [""])[0].lower() in ("1", "true"):
+        answer["pullRequests"] = [{"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": oid}
+                                  for n, oid in sorted(repo.pull_requests.items())]
+    return answer
 
 
 @route("GET", "commits", "/api/" + TYPE + "/" + REPO + r"/commits/(?P<rev>[^/]+)")
@@ -196,6 +165,8 @@ def create_branch(server: HubServer, req, m):
     repo = server.repo(m["type"][:-1], m["ns"], m["name"], user)
     server.writable(repo, user)
     branch = unquote(m["branch"])
+    if not branch or branch.startswith("refs/") or COMMIT_RE.match(branch):  # would shadow another ref
+        raise error(400, f"Invalid reference for a branch name: {branch!r}")
     start = server.resolve(repo, json_body(req).get("startingPoint") or "main")
     with server.store.lock:
         if branch in repo.branches:
@@ -217,7 +188,11 @@ def resolve_get(server, req, m):
 
 def _resolve(server: HubServer, req, m):
     repo_type = m["prefix"].rstrip("/")[:-1] if m["prefix"] else "model"
-    repo = server.repo(repo_type, m["ns"], m["name"], server.user(req.headers))
+    user = server.user(req.headers)
+    repo = server.repo(repo_type, m["ns"], m["name"], user)
+    if repo.gated and not server.store.can_write(user, repo.namespace):
+        message = f"Access to {repo.id} is restricted: it is a gated repository"
+        raise error(401 if user is None else 403, message, "GatedRepo")
     commit = server.resolve(repo, m["rev"])
     path = unquote(m["path"])
     entry = commit.files.get(path)

@@ -8,6 +8,10 @@ object, its size, the user and an expiry). No token → 401, no write access →
 a private repository of somebody else → 404, and nothing is stored. Uploads are
 streamed to disk under the store's size cap (413) and must hash to their oid (400).
 Commit paths must stay inside the repository (:func:`.store.check_path`).
+
+A commit lands on a branch or on a pull request's ref (``refs/pr/<n>``); ``?create_pr=1`` opens the next
+pull request against the branch instead of moving it. A copy (``CommitOperationCopy``) of a file of the
+repository arrives as an ordinary line: the regular file's bytes, or the LFS file's oid (without a size).
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from __future__ import annotations
 import base64
 import json
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from .blobs import SHA256_RE
-from .store import LFS_SUFFIXES, StoreError, check_path
+from .store import LFS_SUFFIXES, PR_REF_RE, StoreError, check_path
 from .wire import PREFIX, REPO, TYPE, error, json_body, route
 
 if TYPE_CHECKING:
@@ -115,14 +119,22 @@ def lfs_verify(server: HubServer, req, m):
     return {}
 
 
+def _flag(req, name: str) -> bool:
+    return parse_qs(req.query).get(name, [""])[0].lower() in ("1", "true")
+
+
 @route("POST", "commit", "/api/" + TYPE + "/" + REPO + r"/commit/(?P<rev>[^/]+)")
 def commit(server: HubServer, req, m):
+    """A commit on a branch or on a pull request's ref ``refs/pr/<n>``; with ``?create_pr=1``, on a new pull
+    request opened against the branch (``refs/pr/<n+1>``: the branch does not move)."""
     user = server.require_user(req.headers)
     repo = server.repo(m["type"][:-1], m["ns"], m["name"], user)
     server.writable(repo, user)
-    branch = unquote(m["rev"])
-    if branch not in repo.branches:
-        raise error(404, f"Invalid rev id: {branch} is not a branch", "RevisionNotFound")
+    ref = unquote(m["rev"])
+    create_pr = _flag(req, "create_pr")
+    if repo.ref_head(ref) is None or (create_pr and PR_REF_RE.match(ref)):
+        kind = "a branch" if create_pr else "a branch or a pull request"
+        raise error(404, f"Invalid rev id: {ref} is not {kind}", "RevisionNotFound")
     header, added, deleted = {}, {}, []
     try:
         lines = [json.loads(line) for line in req.body.decode().splitlines() if line.strip()]
@@ -136,21 +148,26 @@ def commit(server: HubServer, req, m):
                 header = value
             elif key == "file":
                 added[value["path"]] = server.store.regular_entry(value["path"], base64.b64decode(value["content"]))
-            elif key == "lfsFile":
-                added[value["path"]] = server.store.lfs_entry(repo, value["path"], value["oid"], int(value["size"]))
+            elif key == "lfsFile":  # a copy of an LFS file of the repository names its oid only
+                size = int(value["size"]) if value.get("size") is not None else None
+                added[value["path"]] = server.store.lfs_entry(repo, value["path"], value["oid"], size)
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             else:
                 raise error(400, f"unknown commit operation {key!r}")
-        result = server.store.commit(
-            repo, branch, user, header.get("summary", ""), header.get("description", ""), added, deleted,
-            header.get("parentCommit"),
-        )
+        with server.store.lock:  # the pull request's number is taken by the commit that opens it
+            target = repo.next_pr_ref() if create_pr else None
+            result = server.store.commit(
+                repo, ref, user, header.get("summary", ""), header.get("description", ""), added, deleted,
+                header.get("parentCommit"), target=target,
+            )
     except StoreError as exc:
         raise error(exc.status, str(exc), exc.code) from None
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise error(400, f"malformed commit payload: {exc}") from None
     host = req.headers.get("Host", server.endpoint.split("//", 1)[1])
     prefix = "" if repo.type == "model" else f"{repo.type}s/"
-    return {"commitOid": result.oid, "commitUrl": f"http://{host}/{prefix}{repo.id}/commit/{result.oid}",
-            "pullRequestUrl": None, "success": True}
+    base = f"http://{host}/{prefix}{repo.id}"
+    pr_url = f"{base}/discussions/{target.rsplit('/', 1)[1]}" if target else None
+    return {"commitOid": result.oid, "commitUrl": f"{base}/commit/{result.oid}", "pullRequestUrl": pr_url,
+            "success": True}

@@ -3,7 +3,7 @@
 Layout under the root folder::
 
     blobs/<sha256>                                   file contents, content-addressed
-    repos/<type>s/<namespace>/<name>/repo.yaml       visibility, owner, branches, tags
+    repos/<type>s/<namespace>/<name>/repo.yaml       settings, owner, branches, tags, pull requests
     repos/<type>s/<namespace>/<name>/commits/<oid>.yaml   one record per commit (tree + message)
 
 Every mutation writes its record atomically (temporary file + rename) under a
@@ -11,68 +11,27 @@ lock, and a commit becomes visible only once all its blobs are stored: a failed
 or interrupted commit leaves no trace but unreferenced blobs. Paths in a commit
 must stay inside the repository (:func:`check_path`), and LFS uploads are
 streamed to disk under :attr:`Store.max_upload_bytes` (see :mod:`.blobs`).
+The records themselves (repository, commit, file) are in :mod:`.records`.
 Standard library and PyYAML only.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .blobs import DEFAULT_MAX_UPLOAD_BYTES, BlobStore, StoreError
-
-REPO_TYPES = ("model", "dataset", "space")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-#: Paths stored with Git LFS (besides binary samples and files of 10 MB or more).
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".png", ".jpg", ".jpeg", ".webp", ".gz", ".zip", ".npz")
-GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
-
-
-def git_blob_oid(data: bytes) -> str:
-    """The git object id of a blob (what the Hub reports as ``oid`` for regular files)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def check_path(path: object, *, folder: bool = False) -> str:
-    """A file path of a commit, or :class:`StoreError` 400 naming it: as on the Hub, a path is relative and
-    stays inside the repository — no leading ``/``, no empty, ``.`` or ``..`` segment, no ``.git`` folder,
-    no backslash, NUL or other control character. ``folder``: one trailing ``/`` is allowed (folder deletion)."""
-    if not isinstance(path, str):
-        raise StoreError(400, f"Invalid path {path!r}: a path must be a string")
-    rest = path[:-1] if folder and path.endswith("/") and path != "/" else path
-    segments = rest.split("/")
-    if not rest:
-        reason = "the path is empty"
-    elif any(ord(c) < 32 or c == "\x7f" for c in path):
-        reason = "it contains a NUL or control character"
-    elif "\\" in path:
-        reason = "it contains a backslash"
-    elif path.startswith("/"):
-        reason = "it is absolute"
-    elif "" in segments:
-        reason = "it has an empty segment"
-    elif "." in segments or ".." in segments:
-        reason = "it has a '.' or '..' segment"
-    elif ".git" in segments:
-        reason = "it is inside a .git folder"
-    else:
-        return path
-    raise StoreError(400, f"Invalid path {path!r}: {reason}; paths are relative and stay inside the repository")
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+from .records import (  # noqa: F401  (the routes import these names from here)
+    COMMIT_RE, GATED_VALUES, GITATTRIBUTES, LFS_SUFFIXES, NAME_RE, PR_REF_RE, REPO_TYPES, Commit, FileEntry, Repo,
+    check_path, git_blob_oid, now,
+)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,68 +40,6 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
-
-
-@dataclass
-class FileEntry:
-    path: str
-    sha256: str
-    size: int
-    git_oid: str
-    lfs: bool
-
-    def as_dict(self) -> dict:
-        return {"sha256": self.sha256, "size": self.size, "git_oid": self.git_oid, "lfs": self.lfs}
-
-
-@dataclass
-class Commit:
-    oid: str
-    parents: list[str]
-    title: str
-    message: str
-    author: str
-    date: str
-    files: dict[str, FileEntry]
-
-
-@dataclass
-class Repo:
-    type: str
-    id: str
-    private: bool
-    owner: str
-    created_at: str
-    branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    commits: dict[str, Commit] = field(default_factory=dict)
-    #: LFS objects uploaded to this repository (as on a git-lfs server, objects are per repository)
-    lfs_objects: set[str] = field(default_factory=set)
-
-    @property
-    def namespace(self) -> str:
-        return self.id.split("/", 1)[0]
-
-    def resolve(self, revision: str) -> Commit:
-        """A branch, tag or full commit oid → the commit; :class:`StoreError` 404 ``RevisionNotFound`` otherwise."""
-        if revision in self.branches:
-            return self.commits[self.branches[revision]]
-        if revision in self.tags:
-            return self.commits[self.tags[revision]]
-        for prefix in ("refs/heads/", "refs/tags/"):
-            if revision.startswith(prefix):
-                return self.resolve(revision[len(prefix) :])
-        if COMMIT_RE.match(revision) and revision in self.commits:
-            return self.commits[revision]
-        raise StoreError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-    def history(self, commit: Commit) -> list[Commit]:
-        out, current = [], commit
-        while True:
-            out.append(current)
-            if not current.parents:
-                return out
-            current = self.commits[current.parents[0]]
 
 
 class Store:
@@ -231,8 +128,12 @@ class Store:
             repo.lfs_objects.add(sha256)
             self.save(repo)
 
-    def lfs_entry(self, repo: Repo, path: str, sha256: str, size: int) -> FileEntry:
-        if not self.has_lfs(repo, sha256, size):
+    def lfs_entry(self, repo: Repo, path: str, sha256: str, size: int | None) -> FileEntry:
+        """The entry of an LFS file whose object was uploaded to ``repo``; ``size=None`` (a copy of a file of the
+        repository, whose commit line names only the oid) takes the stored object's size."""
+        if size is None and sha256 in repo.lfs_objects and self.has_blob(sha256):
+            size = self.blobs.path(sha256).stat().st_size
+        if size is None or not self.has_lfs(repo, sha256, size):
             raise StoreError(422, f"LFS object {sha256} of {path} was not uploaded (or has another size)")
         # the git oid of an LFS file is that of its pointer file, as on the Hub
         pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
@@ -248,14 +149,17 @@ class Store:
         added: dict[str, FileEntry],
         deleted: list[str],
         parent: str | None,
+        *,
+        target: str | None = None,
     ) -> Commit:
-        """Create a commit on ``branch`` atomically; ``parent`` (if given) must be the branch head (else 412)."""
+        """Create a commit on ``branch`` (a branch or ``refs/pr/<n>``) atomically; ``parent`` (if given) must be its
+        head (else 412). ``target``: the ref the commit lands on instead (a new pull request's ref)."""
         for path in added:
             check_path(path)
         for path in deleted:
             check_path(path, folder=True)
         with self.lock:
-            head = repo.branches.get(branch)
+            head = repo.ref_head(branch)
             if head is None and repo.commits:
                 raise StoreError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             if parent is not None and parent != head:
@@ -274,21 +178,24 @@ class Store:
             commit = Commit(oid, record["parents"], title, message, author, date, files)
             _write_atomic(self._repo_dir(repo) / "commits" / f"{oid}.yaml", yaml.safe_dump(record, sort_keys=True))
             repo.commits[oid] = commit
-            repo.branches[branch] = oid
+            repo.set_ref(target or branch, oid)
             self.save(repo)
             return commit
 
     def save(self, repo: Repo) -> None:
         data = {"type": repo.type, "id": repo.id, "private": repo.private, "owner": repo.owner,
                 "created_at": repo.created_at, "branches": repo.branches, "tags": repo.tags,
-                "lfs_objects": sorted(repo.lfs_objects)}
+                "lfs_objects": sorted(repo.lfs_objects), "gated": repo.gated,
+                "pull_requests": {int(n): oid for n, oid in repo.pull_requests.items()}}
         _write_atomic(self._repo_dir(repo) / "repo.yaml", yaml.safe_dump(data, sort_keys=True))
 
     def _load(self) -> None:
         for record in sorted((self.root / "repos").glob("*/*/*/repo.yaml")):
             data = yaml.safe_load(record.read_text())
             repo = Repo(data["type"], data["id"], data["private"], data["owner"], data["created_at"],
-                        data.get("branches", {}), data.get("tags", {}), lfs_objects=set(data.get("lfs_objects", [])))
+                        data.get("branches", {}), data.get("tags", {}), lfs_objects=set(data.get("lfs_objects", [])),
+                        pull_requests={int(n): oid for n, oid in (data.get("pull_requests") or {}).items()},
+                        gated=data.get("gated", False))
             for path in (record.parent / "commits").glob("*.yaml"):
                 c = yaml.safe_load(path.read_text())
                 files = {p: FileEntry(p, e["sha256"], e["size"], e["git_oid"], e["lfs"]) for p, e in c["files"].items()}
