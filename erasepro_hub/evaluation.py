@@ -25,6 +25,7 @@ from .adapters.fingerprint import check_fingerprints
 from .adapters.folder import open_folder
 from .erase import LoadedBase, compute, load_base
 from .errors import ManifestError
+from .layout import SAMPLES_FILE
 from .metrics.features import feature_metrics
 from .metrics.images import ImageOptions
 from .metrics.prompt_sets import PromptSet, load_prompt_set
@@ -147,7 +148,7 @@ def evaluate_folder(
 
 def _image_evaluation(folder: Path, recipe: Recipe, heldout, preserve, options: ImageOptions, state, device: str) -> dict | None:
     """Generate with the base and the edited pipeline (sharded), score on the main process."""
-    from .adapters.apply import load_adapter
+    from .adapters.apply import load_erasure
     from .metrics.images import generate, image_metrics, load_detector
     from .models.loading import DTYPES
     from .models.scoring import load_clip, load_pipeline
@@ -157,7 +158,7 @@ def _image_evaluation(folder: Path, recipe: Recipe, heldout, preserve, options: 
     captions = [p.text for p in preserve][:limit]
     pipe = load_pipeline(recipe.base_model, dtype=DTYPES[recipe.solver.dtype], device=device)
     base_images = {"target": generate(pipe, targets, options, state), "preserve": generate(pipe, captions, options, state)}
-    handle = load_adapter(pipe, folder)
+    handle = load_erasure(pipe, folder)
     edited_images = {"target": generate(pipe, targets, options, state), "preserve": generate(pipe, captions, options, state)}
     handle.remove()
     if not state.is_main_process:
@@ -170,7 +171,7 @@ def _image_evaluation(folder: Path, recipe: Recipe, heldout, preserve, options: 
                             labels=list(dict.fromkeys(labels)), detector=detector)
     results.update(n_target_images=len(base_images["target"]), n_preserve_images=len(base_images["preserve"]),
                    clip_model=options.clip_model, steps=options.steps, seed=options.seed)
-    _save_grid(folder / "samples.png", base_images["target"][:4], edited_images["target"][:4])
+    _save_grid(folder / SAMPLES_FILE, base_images["target"][:4], edited_images["target"][:4])
     return results
 
 

@@ -8,6 +8,7 @@ MANIFEST_FILE = "erasepro.yaml"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "delta_norms.png"
+SAMPLES_FILE = "samples.png"  # written by `erasepro eval --images`; hashed and published when present
 
 
 _FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n", re.S)

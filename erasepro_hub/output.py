@@ -17,7 +17,7 @@ from .adapters.lora import ADAPTER_FILE, HEADER_MANIFEST, file_sha256, save_adap
 from .cards import write_card
 from .computation import Computation
 from .fsutil import atomic_folder
-from .layout import CARD_FILE, MANIFEST_FILE, METRICS_FILE
+from .layout import CARD_FILE, MANIFEST_FILE, METRICS_FILE, SAMPLES_FILE
 from .manifest import Manifest, Outputs, Provenance, SiteRecord, dump_yaml, recipe_sha256, to_data
 
 
@@ -155,12 +155,14 @@ def update_folder(folder: str | Path, manifest: Manifest, metrics: dict) -> Path
     with atomic_folder(folder, overwrite=True) as tmp:
         for item in folder.iterdir():
             skipped = (METRICS_FILE, MANIFEST_FILE, CARD_FILE, adapter)
-            if item.name in skipped or item.suffix == ".png" and item.name != "samples.png":
+            if item.name in skipped or item.suffix == ".png" and item.name != SAMPLES_FILE:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
         data = to_data(manifest)
         data["outputs"]["files"][METRICS_FILE] = file_sha256(tmp / METRICS_FILE)
+        if (tmp / SAMPLES_FILE).is_file():  # the image grid of `eval --images`: published, so hashed
+            data["outputs"]["files"][SAMPLES_FILE] = file_sha256(tmp / SAMPLES_FILE)
         data["metrics"] = metrics
         updated = Manifest.model_validate(data)
         files = dict(updated.outputs.files)

@@ -159,6 +159,7 @@ HOSTILE = "./ev` <img src=x onerror=alert(5)>`\n\n# Injected heading\n```\n<img 
 HOSTILE_REVISION = "v1\n```\n<img src=x onerror=alert(5)>\n# Injected heading"
 HOSTILE_CONCEPT = "<img src=x onerror=alert(5)> ``` # Injected [link](https://evil.example) *em* _em_ $x$ &lt;b&gt;"
 PLOT = "delta_norms.png"
+GALLERY = "<Gallery />"
 SECTIONS = ["# ", "## How to use", "## Metrics", "## How it was made", "## Limitations"]
 
 
@@ -202,6 +203,8 @@ def assert_inert(text: str) -> tuple[dict, list[str], list[tuple[str, str]]]:
     """The card's structure is the template's: no HTML, no injected heading, every fence intact and parsable."""
     front, prose, blocks = split_card(text)
     for line in prose:
+        if line == GALLERY and front.get("widget"):  # the Hub's gallery of the widget images, the card's own
+            continue
         assert not re.search(r"<[A-Za-z/!?]", line), f"raw HTML in the card: {line!r}"
         assert not re.match(r"^ {0,3}(=+|-+)[ \t]*$", line), f"a setext heading underline: {line!r}"
     headings = [line for line in prose if re.match(r"^ {0,3}#{1,6}(\s|$)", line)]
@@ -339,7 +342,134 @@ def test_the_card_offers_the_two_loaders_as_alternatives():
     _, _, blocks = split_card(text)
     python = [content for info, content in blocks if info == "python"]
     # no single block applies the erasure twice, and the card says to run one or the other
-    assert not any("load_lora_weights" in block and "load_adapter" in block for block in python)
-    assert any("load_lora_weights" in block for block in python) and any("load_adapter(" in block for block in python)
+    assert not any("load_lora_weights" in block and "load_erasure" in block for block in python)
+    assert any("load_lora_weights" in block for block in python) and any("load_erasure(" in block for block in python)
     assert re.search(r"\bone\b.*\bnot both\b", usage, re.S | re.I)
     assert re.search(r"twice", usage)
+
+
+# ----------------------------------------------------------------------------- what the Hub's LoRA pages read
+def with_outputs(manifest: Manifest, *, family: str | None = None, sites=None, files=None, images=None) -> Manifest:
+    """A copy of ``manifest`` with its family, sites, hashed files or image metrics replaced."""
+    data = manifest.model_dump()
+    if family is not None:
+        data["outputs"]["family"] = family
+    if sites is not None:
+        template = data["outputs"]["sites"][0]
+        data["outputs"]["sites"] = [{**template, "name": name, "update_rank": rank} for name, rank in sites]
+    if files is not None:
+        data["outputs"]["files"].update(files)
+    if images is not None:
+        data["metrics"]["images"] = images
+    return Manifest.model_validate(data)
+
+
+IMAGE_METRICS = {"clip_score_target_base": 31.5, "clip_score_target_edited": 20.25, "n_target_images": 4,
+                 "n_preserve_images": 4, "clip_model": "openai/clip-vit-large-patch14", "steps": 25, "seed": 0}
+SAMPLES = {"samples.png": "2" * 64}
+
+
+@pytest.mark.parametrize(
+    "family, family_tags",
+    [
+        ("sd1", {"stable-diffusion", "stable-diffusion-diffusers"}),
+        ("sd2", {"stable-diffusion", "stable-diffusion-diffusers"}),
+        ("sdxl", {"stable-diffusion-xl", "stable-diffusion-xl-diffusers"}),
+    ],
+)
+def test_tags_are_the_ones_the_hubs_lora_pages_read(family, family_tags):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(render_card(with_outputs(fixed_manifest(), family=family), repo_id="alice/erasure", revision="v1"))
+    tags = set(card.data.tags)
+    assert {"template:sd-lora", "text-to-image", "lora", "diffusers", "concept-erasure", "erasepro"} <= tags
+    assert family_tags <= tags
+    assert not {"stable-diffusion", "stable-diffusion-xl"} - family_tags & tags  # no other family's tags
+    assert len(card.data.tags) == len(tags)  # each once
+    assert card.data.base_model == "alice/tiny-sd-base" and card.data.base_model_relation == "adapter"
+
+
+@pytest.mark.parametrize(
+    "files, images",
+    [
+        ({}, None),  # no image evaluation
+        ({}, IMAGE_METRICS),  # image metrics, but the grid is not among the files push uploads
+        (SAMPLES, None),  # a hashed grid without image metrics (evaluation re-run without images)
+    ],
+    ids=["no-eval", "grid-not-published", "no-image-metrics"],
+)
+def test_no_widget_or_sample_image_unless_the_release_holds_them(files, images):
+    from huggingface_hub import ModelCard
+
+    manifest = with_outputs(fixed_manifest(), files=files, images=images)
+    text = render_card(manifest, repo_id="alice/erasure", revision="v1")
+    card = ModelCard(text)
+    assert "widget" not in card.data.to_dict()
+    assert "samples.png" not in text and GALLERY not in text
+    if images:  # the image metrics themselves are still reported
+        assert "Image-level metrics" in text
+
+
+def test_widget_and_sample_image_when_the_release_holds_them():
+    from huggingface_hub import ModelCard
+
+    manifest = with_outputs(fixed_manifest(), files=SAMPLES, images=IMAGE_METRICS)
+    text = render_card(manifest, repo_id="alice/erasure", revision="v1")
+    # the Hub's format: a prompt and the image it gave, the grid's first column (the first training prompt)
+    assert ModelCard(text).data.widget == [{"text": TRICKY_TARGET, "output": {"url": "samples.png"}}]
+    front, prose, _ = assert_inert(text)  # the prompt is one YAML value, the body has no HTML but the gallery
+    assert front["widget"][0]["text"] == TRICKY_TARGET
+    assert GALLERY in prose and "![Before (top) and after (bottom), same prompts and seeds](samples.png)" in prose
+    # a hostile target stays data in the widget too
+    hostile = fixed_manifest(concepts=[{"target": HOSTILE_CONCEPT, "anchor": "art"}])
+    front, _, _ = assert_inert(render_card(with_outputs(hostile, files=SAMPLES, images=IMAGE_METRICS)))
+    assert front["widget"] == [{"text": HOSTILE_CONCEPT, "output": {"url": "samples.png"}}]
+
+
+def test_golden_card_with_image_evaluation():
+    """Image metrics and a published grid (widget, gallery, image); text encoder and UNet edited (no loading note)."""
+    manifest = with_outputs(fixed_manifest(), sites=[(TE, 4), (KV, 10)], files=SAMPLES, images=IMAGE_METRICS)
+    check_golden("card_samples.md", render_card(manifest, repo_id="alice/erasure", revision="v1", revision_kind="tag"))
+
+
+TE = "text_encoder.text_model.encoder.layers.1.mlp.fc2"
+TE2 = "text_encoder_2.text_model.encoder.layers.1.mlp.fc2"
+KV = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+UNET_LOG = "No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'."
+TE_LOG = "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'."
+TE2_LOG = "No LoRA keys associated to CLIPTextModelWithProjection found with the prefix='text_encoder_2'."
+
+
+@pytest.mark.parametrize(
+    "family, sites, logs",
+    [
+        ("sd1", [(TE, 4)], [UNET_LOG]),  # text encoder only
+        ("sd1", [(TE, 4), (KV, 0)], [UNET_LOG]),  # a UNet site whose update is zero is not in the file
+        ("sd1", [(KV, 4)], [TE_LOG]),  # UNet only (UCE, erasepro-kv)
+        ("sd1", [(TE, 4), (KV, 4)], []),
+        ("sdxl", [(TE, 4), (TE2, 4)], [UNET_LOG]),
+        ("sdxl", [(TE, 4), (KV, 4)], [TE2_LOG]),
+        ("sdxl", [(TE, 4), (TE2, 4), (KV, 4)], []),
+        ("bert", [(TE, 4)], []),  # diffusers does not load BERT text encoders: no such log
+    ],
+)
+def test_the_loading_note_only_when_loading_logs_it(family, sites, logs):
+    text = render_card(with_outputs(fixed_manifest(), family=family, sites=sites), repo_id="alice/erasure", revision="v1")
+    usage = text.split("## How to use", 1)[1].split("## Metrics", 1)[0]
+    assert ("What loading prints" in usage) == bool(logs)
+    quoted = re.findall(r"^- `(No LoRA keys .*) …`$", usage, re.M)
+    assert quoted == logs
+    if logs:
+        assert "expected" in usage.split("What loading prints", 1)[1]
+
+
+@pytest.mark.parametrize("base", ["alice/tiny-sd-base", "./models/tiny-sd", "builtin:tiny-sd"])
+def test_the_snippet_uses_dtype_and_a_device(base):
+    manifest = fixed_manifest(base) if "/" not in base[:2] else fixed_manifest(base_model={"id": base})
+    assert manifest.base_model.kind == {"a": "hub", ".": "local", "b": "builtin"}[base[0]]
+    text = render_card(manifest, repo_id="alice/erasure", revision="v1")
+    _, _, blocks = split_card(text)
+    load = next(content for info, content in blocks if info == "python")
+    assert "torch_dtype" not in text  # diffusers 0.42 deprecates it
+    assert load.count('.to("cuda")') == 1
+    assert ("dtype=torch.float16" in load) == (not base.startswith("builtin:"))

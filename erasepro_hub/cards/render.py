@@ -18,6 +18,11 @@ used as template source, and are escaped for the place they land:
 * the YAML front matter: written by a YAML dumper from a dict, never by string
   concatenation (:func:`erasepro_hub.hub.card_data.dump_front_matter`).
 
+What the card shows is what the release holds: sample images (and the front matter's ``widget``
+entries that put them in the Hub's gallery) only when image evaluation wrote them and the manifest
+hashes them, i.e. when ``push`` uploads them (:func:`sample_widget`); the note on what loading logs
+only for an adapter that leaves a part of the pipeline untouched (:func:`load_warnings`).
+
 The repository id and revision a card points to are inputs of ``erasepro card`` and
 ``erasepro push``; :func:`check_repo_id` and :func:`check_revision` refuse those that
 the Hub could not hold anyway (whitespace, control characters, backticks).
@@ -38,7 +43,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import InvalidRefError
-from ..layout import CARD_FILE, PLOT_FILE
+from ..layout import CARD_FILE, PLOT_FILE, SAMPLES_FILE
 from ..manifest import Manifest, dump_yaml
 from ..manifest.schema import HUB_ID_RE
 
@@ -233,6 +238,55 @@ IMAGE_PAIR_ROWS = (
 )
 
 
+#: The before/after grid ``erasepro eval --images`` writes into the folder: the base model's images of
+#: the first prompts about the erased concepts on top, the same prompts and seeds with the erasure below.
+
+
+def sample_widget(manifest: Manifest) -> list[dict]:
+    """The ``widget`` entries (prompt, image) of the sample images a release publishes; empty without any.
+
+    The grid is shown only when image evaluation ran (``metrics.images``) and the manifest hashes the file:
+    ``push`` uploads the hashed files (besides the manifest, card and plot) and ``pull`` refuses a
+    repository that holds other files, so an unhashed image would be a broken link on the Hub. Its prompt
+    is the grid's first column: evaluation renders the training prompts first, in recipe order.
+    """
+    outputs = manifest.outputs
+    if outputs is None or not (manifest.metrics or {}).get("images") or SAMPLES_FILE not in outputs.files:
+        return []
+    from ..recipe import training_pairs
+
+    first = training_pairs(manifest.recipe())[0].target
+    return [{"text": first, "output": {"url": SAMPLES_FILE}}]
+
+
+#: What diffusers' ``load_lora_weights`` loads into, per family: the key prefix, the class its log names,
+#: and the part of the pipeline in words. (BERT text encoders are not loaded by diffusers.)
+_SD_COMPONENTS = (("unet", "UNet2DConditionModel", "the UNet"), ("text_encoder", "CLIPTextModel", "the text encoder"))
+LORA_COMPONENTS = {
+    "sd1": _SD_COMPONENTS,
+    "sd2": _SD_COMPONENTS,
+    "sdxl": _SD_COMPONENTS + (("text_encoder_2", "CLIPTextModelWithProjection", "the second text encoder"),),
+}
+
+
+def load_warnings(manifest: Manifest) -> list[dict]:
+    """The parts of the pipeline the adapter holds no keys for, each with the warning diffusers logs for it.
+
+    ``load_lora_weights`` logs ``No LoRA keys associated to <class> found with the prefix='<prefix>'. …``
+    for every such part at every load; for an erasure that is expected (a text-encoder-only erasure has
+    no UNet keys, a UNet-only one no text-encoder keys).
+    """
+    outputs = manifest.outputs
+    if outputs is None:
+        return []
+    stored = {site.name.partition(".")[0] for site in outputs.sites if site.update_rank}
+    return [
+        {"part": part, "log": f"No LoRA keys associated to {cls} found with the prefix='{prefix}'."}
+        for prefix, cls, part in LORA_COMPONENTS.get(outputs.family, ())
+        if prefix not in stored
+    ]
+
+
 def _revision_kind(revision: str, known: str | None) -> str:
     """``commit``, ``tag``, ``branch``, or ``ref`` when the caller does not know which."""
     if re.fullmatch(r"[0-9a-f]{40}", revision):
@@ -251,7 +305,7 @@ def card_context(
     A ``repo_id`` or ``revision`` that is given is checked first (:func:`check_repo_id`,
     :func:`check_revision`); without them the card shows placeholders and ``main``.
     """
-    from ..hub.card_data import card_metadata, dump_front_matter
+    from ..hub.card_data import card_metadata, card_tags, dump_front_matter
 
     if repo_id is not None:
         check_repo_id(repo_id)
@@ -264,12 +318,13 @@ def card_context(
     family = outputs.family if outputs is not None else "sd1"
     repo_id = repo_id if repo_id is not None else "<user>/<repo>"
     revision = revision if revision is not None else "main"
-    family_tag = "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"
-    tags = ["lora", "diffusers", "text-to-image", family_tag, "concept-erasure", "erasepro"]
     hub_base = base.id if base.kind == "hub" else None
     license_ = outputs.base_license if outputs is not None else None
     name = manifest.name or "erasure"
-    front = card_metadata(model_name=name, base_model=hub_base, license=license_, tags=tags, metrics=metrics)
+    widget = sample_widget(manifest)
+    front = card_metadata(
+        model_name=name, base_model=hub_base, license=license_, tags=card_tags(family), metrics=metrics, widget=widget
+    )
     usage = {
         "pipeline_class": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
         "base_kind": base.kind,
@@ -320,6 +375,8 @@ def card_context(
         "has_baseline": bool(baseline) and manifest.method != "uce",
         "image_rows": image_rows,
         "image_info": {k: images.get(k) for k in ("clip_model", "n_target_images", "n_preserve_images", "steps")},
+        "samples": [entry["output"]["url"] for entry in widget],
+        "load_warnings": load_warnings(manifest),
         "plot": PLOT_FILE,
         "recipe_yaml": recipe_yaml,
         "tool_version": provenance.tool_version if provenance else "unknown",

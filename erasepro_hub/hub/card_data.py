@@ -1,7 +1,10 @@
 """Model-card metadata (the YAML front matter) in the Hub's own format, built with ``ModelCardData``.
 
 Evaluation results go into ``model-index`` through :class:`huggingface_hub.EvalResult`, so the Hub
-shows them as it shows any other model's. The front matter is written by a YAML dumper from that dict
+shows them as it shows any other model's. Tags are the ones the Hub's LoRA pages look for
+(``template:sd-lora``, the model family's ``stable-diffusion[-xl]`` and ``…-diffusers`` tags), and
+``widget`` entries (the Hub's gallery: a prompt and the image it gave) are written only for sample
+images the caller says exist. The front matter is written by a YAML dumper from that dict
 (:func:`dump_front_matter`), never by joining strings, so no value can end it or add a key.
 """
 
@@ -25,6 +28,21 @@ CARD_METRICS = (
 )
 
 
+#: The Hub's tags for a model family, as its diffusers-made LoRA cards carry them. The BERT family is
+#: the package's own SD-shaped pipeline (a tiny UNet behind a BERT text encoder).
+FAMILY_TAGS = {
+    "sd1": ("stable-diffusion", "stable-diffusion-diffusers"),
+    "sd2": ("stable-diffusion", "stable-diffusion-diffusers"),
+    "bert": ("stable-diffusion", "stable-diffusion-diffusers"),
+    "sdxl": ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+}
+
+
+def card_tags(family: str) -> list[str]:
+    """The card's tags: a diffusers LoRA for text-to-image (the Hub's LoRA template), the family's, ours."""
+    return ["lora", "diffusers", "template:sd-lora", "text-to-image", *FAMILY_TAGS[family], "concept-erasure", "erasepro"]
+
+
 def card_metadata(
     *,
     model_name: str,
@@ -32,8 +50,13 @@ def card_metadata(
     license: str | None,
     tags: list[str],
     metrics: dict[str, Any],
+    widget: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The front matter as a plain dict (``base_model`` only for Hub base models)."""
+    """The front matter as a plain dict (``base_model`` only for Hub base models).
+
+    ``widget``: ``[{"text": prompt, "output": {"url": file}}]`` for sample images that are part of the
+    release; ``None`` or empty writes no ``widget`` key.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     results = [
@@ -58,6 +81,7 @@ def card_metadata(
         tags=tags,
         model_name=model_name,
         eval_results=results or None,
+        widget=widget or None,
     )
     return data.to_dict()
 
