@@ -206,10 +206,13 @@ def solve_ratios(repeats: int) -> dict:
 
 
 def apply_and_overhead(folder: Path, repeats: int) -> dict:
-    """load_adapter onto a loaded SD-1.5-shaped pipeline; inference time base / hooks / fused."""
+    """load_erasure onto a loaded SD-1.5-shaped pipeline; inference time base / unfused LoRA layers / fused.
+
+    (The ``hooks`` keys are the unfused adapter: diffusers' LoRA layers since the loader goes through diffusers.)
+    """
     from diffusers import StableDiffusionPipeline
 
-    from erasepro_hub import load_adapter
+    from erasepro_hub import load_erasure
 
     start = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(str(HERE / "cache" / "sd15"), use_safetensors=True)
@@ -225,12 +228,12 @@ def apply_and_overhead(folder: Path, repeats: int) -> dict:
     forward()
     base_s, _ = median_time(forward, repeats)
     start = time.perf_counter()
-    handle = load_adapter(pipe, folder)
+    handle = load_erasure(pipe, folder)
     apply_hooks_s = time.perf_counter() - start
     hooks_s, _ = median_time(forward, repeats)
     handle.remove()
     start = time.perf_counter()
-    handle = load_adapter(pipe, folder, fuse=True)
+    handle = load_erasure(pipe, folder, fuse=True)
     apply_fused_s = time.perf_counter() - start
     fused_s, _ = median_time(forward, repeats)
     handle.remove()

@@ -3,9 +3,9 @@
 The public API is small and imported lazily, so ``import erasepro_hub`` (and the
 command line's start-up) does not pay for torch, diffusers or transformers::
 
-    from erasepro_hub import load_adapter, unload_adapter
-    handle = load_adapter(pipe, "path/to/erasure")     # verified against the base weights
-    handle.remove()                                     # or unload_adapter(pipe)
+    from erasepro_hub import load_erasure, unload_erasure
+    handle = load_erasure(pipe, "path/to/erasure")     # verified, then a diffusers LoRA adapter
+    handle.remove()                                     # or unload_erasure(pipe) / pipe.unload_lora_weights()
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load_erasure": "erasepro_hub.api",
+    "unload_erasure": "erasepro_hub.api",
+    "AppliedErasure": "erasepro_hub.api",
     "load_adapter": "erasepro_hub.api",
     "unload_adapter": "erasepro_hub.api",
     "push": "erasepro_hub.api",

@@ -1,8 +1,10 @@
 """The ``erasepro`` command line: thin commands, errors translated once.
 
 Exit codes: 0 ok, 1 a check ran and failed, 2 bad input (the message names the
-problem and the fix). Data goes to stdout, diagnostics and progress to stderr.
-Heavy libraries are imported only by the command that needs them.
+problem and the fix). Data goes to stdout, diagnostics and progress to stderr: a
+command whose result is a folder or a commit prints just that (a summary goes to
+stderr), the others a short text; with ``--json`` every command prints one JSON
+object instead. Heavy libraries are imported only by the command that needs them.
 
 Why one module of this length: one small function per command plus the parser; each command
 is a few lines over the library, and keeping them together shows the whole command surface at once.
@@ -22,72 +24,146 @@ from . import __version__
 from .errors import EraseProError
 
 
-def _solve_progress(desc: str):
-    """A progress bar on stderr (hidden when stderr is not a terminal) and its per-stage callback."""
-    from tqdm.auto import tqdm
+class _StageBar:
+    """A progress bar on stderr (hidden when stderr is not a terminal) that a computation drives.
 
-    bar = tqdm(desc=desc, unit="stage", file=sys.stderr, leave=False, disable=None)
-    return bar, lambda name: bar.update(1)
+    It is called with a stage's name as the stage finishes; ``start(step, total)`` names the step
+    that begins (``loading base weights``, then ``solving`` with its number of stages), as
+    :class:`erasepro_hub.computation.Progress` describes.
+    """
+
+    #: A step without a count (loading the base model) shows its name only.
+    UNCOUNTED = "{desc}"
+
+    def __init__(self, verb: str, total: int | None = None, unit: str = "stage"):
+        from tqdm.auto import tqdm
+
+        self.verb = verb
+        self.bar = tqdm(
+            desc=verb, total=total, unit=unit, file=sys.stderr, leave=False, disable=None,
+            bar_format=None if total is not None else self.UNCOUNTED,
+        )
+
+    def start(self, step: str, total: int | None = None) -> None:
+        self.bar.reset()
+        self.bar.total = total
+        self.bar.bar_format = None if total is not None else self.UNCOUNTED
+        self.bar.set_description_str(f"{self.verb}: {step}")
+
+    def __call__(self, stage: str) -> None:
+        self.bar.update(1)
+
+    def __enter__(self) -> _StageBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
-def _print_summary(path: Path) -> None:
+def _print_json(data: dict) -> None:
+    """The one JSON object a command prints on stdout under ``--json``."""
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _scalar_metrics(metrics: dict | None) -> dict:
+    return {k: v for k, v in (metrics or {}).items() if not isinstance(v, dict)}
+
+
+def _erasure_result(path: Path) -> dict:
+    """What ``erase``, ``regenerate`` and ``combine`` report about the folder they wrote."""
+    from .layout import MANIFEST_FILE
     from .manifest import load_manifest
 
-    manifest = load_manifest(path / "erasepro.yaml")
-    m = manifest.metrics or {}
-    print(f"wrote {path}", file=sys.stderr)
-    for key in ("anchor_similarity", "anchor_similarity_no_edit", "preserve_similarity", "preserve_similarity_min"):
-        if m.get(key) is not None:
-            print(f"  {key:26s} {m[key]:.4f}", file=sys.stderr)
-    for key in ("residual_train", "residual_heldout", "preserve_drift", "pooled_residual_train"):
-        if m.get(key) is not None:
-            print(f"  {key:26s} {m[key]:.3e}", file=sys.stderr)
+    manifest = load_manifest(path / MANIFEST_FILE)
+    sites = manifest.outputs.sites if manifest.outputs else []
+    return {
+        "folder": str(path),
+        "name": manifest.name,
+        "method": manifest.method,
+        "base_model": manifest.base_model.id,
+        "revision": manifest.base_model.revision,
+        "concepts": [{"target": c.target, "anchor": c.anchor} for c in manifest.concepts],
+        "sites": sum(1 for s in sites if s.update_rank),
+        "total_rank": sum(s.update_rank for s in sites),
+        "metrics": _scalar_metrics(manifest.metrics),
+    }
+
+
+#: The metrics a human summary shows, with their formats.
+_SUMMARY_METRICS = (
+    ("anchor_similarity", ".4f"),
+    ("anchor_similarity_no_edit", ".4f"),
+    ("preserve_similarity", ".4f"),
+    ("preserve_similarity_min", ".4f"),
+    ("residual_train", ".3e"),
+    ("residual_heldout", ".3e"),
+    ("preserve_drift", ".3e"),
+    ("pooled_residual_train", ".3e"),
+)
+
+
+def _report_folder(path: Path, as_json: bool) -> None:
+    """The written folder: its path on stdout and a summary on stderr, or one JSON object."""
+    result = _erasure_result(path)
+    if as_json:
+        _print_json(result)
+        return
+    print(f"wrote {path} ({result['method']}, {result['sites']} sites, total rank {result['total_rank']})", file=sys.stderr)
+    for key, fmt in _SUMMARY_METRICS:
+        if isinstance(result["metrics"].get(key), (int, float)):
+            print(f"  {key:26s} {result['metrics'][key]:{fmt}}", file=sys.stderr)
+    print(path)  # the data a script reads: OUT=$(erasepro erase ...)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .erase import erase
+    with _StageBar("erase") as bar:  # shown before the heavy imports
+        from .erase import erase
 
-    bar, step = _solve_progress("erase")
-    try:
         out = erase(
-            args.manifest, args.out, overwrite=args.overwrite, device=args.device, progress=step,
+            args.manifest, args.out, overwrite=args.overwrite, device=args.device, progress=bar,
             command=args.command_line,
         )
-    finally:
-        bar.close()
-    _print_summary(out)
-    print(out)
+    _report_folder(out, args.json)
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    with _StageBar("combine") as bar:
+        from .combine import combine
+
+        out = combine(
+            args.sources, args.out, name=args.name, overwrite=args.overwrite, device=args.device, progress=bar,
+            command=args.command_line,
+        )
+    _report_folder(out, args.json)
     return 0
 
 
 def cmd_regenerate(args: argparse.Namespace) -> int:
-    from .verification import regenerate, verify
+    with _StageBar("verify" if args.verify else "regenerate") as bar:
+        from .verification import regenerate, verify
 
-    bar, step = _solve_progress("regenerate")
-    try:
         if not args.verify:
             out = regenerate(
-                args.folder, out=args.out, overwrite=args.overwrite, device=args.device, progress=step,
+                args.folder, out=args.out, overwrite=args.overwrite, device=args.device, progress=bar,
                 command=args.command_line,
             )
         else:
-            result = verify(args.folder, device=args.device, progress=step)
-    finally:
-        bar.close()
+            result = verify(args.folder, device=args.device, progress=bar)
     if not args.verify:
-        _print_summary(out)
-        print(out)
+        _report_folder(out, args.json)
         return 0
-    summary = {
-        "folder": str(result.folder),
-        "ok": result.ok,
-        "max_abs_diff": result.max_abs_diff,
-        "atol": result.atol,
-        "problems": result.problems,
-    }
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        _print_json({
+            "folder": str(result.folder),
+            "ok": result.ok,
+            "max_abs_diff": result.max_abs_diff,
+            "atol": result.atol,
+            "problems": result.problems,
+        })
     if result.ok:
-        print(f"verified: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} ≤ {result.atol:.3e}", file=sys.stderr)
+        if not args.json:
+            print(f"verified: max |ΔW_stored − ΔW_regenerated| = {result.max_abs_diff:.3e} ≤ {result.atol:.3e}")
         return 0
     for problem in result.problems:
         print(f"verification failed: {problem}", file=sys.stderr)
@@ -161,20 +237,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .api import push
 
-    result = push(args.folder, args.repo_id, private=args.private, branch=args.branch, tag=args.tag)
-    state = "new commit" if result.new_commit else "unchanged, no new commit"
-    print(f"pushed {args.folder} to {result.repo_id} ({result.branch}{', tag ' + result.tag if result.tag else ''}): {state}", file=sys.stderr)
+    result = push(
+        args.folder, args.repo_id, private=args.private, branch=args.branch, tag=args.tag, token=args.token,
+        message=args.commit_message, create_pr=args.create_pr,
+    )
+    if args.json:
+        _print_json({"folder": str(args.folder), **asdict(result)})
+        return 0
+    if result.pr_revision:
+        print(f"opened a pull request on {result.repo_id} against {result.branch}: {result.pr_revision}", file=sys.stderr)
+        print(f"  {result.pr_url}", file=sys.stderr)
+        print(f"  review with: erasepro pull {result.repo_id}@{result.pr_revision}", file=sys.stderr)
+    elif args.create_pr:
+        print(f"{args.folder} is unchanged from {result.repo_id} ({result.branch}): no pull request opened", file=sys.stderr)
+    else:
+        state = "new commit" if result.new_commit else "unchanged, no new commit"
+        where = result.branch + (f", tag {result.tag}" if result.tag else "")
+        print(f"pushed {args.folder} to {result.repo_id} ({where}): {state}", file=sys.stderr)
     print(f"  load with revision={result.commit!r}", file=sys.stderr)
-    print(result.commit)
+    print(result.commit)  # the data a script reads: SHA=$(erasepro push ...)
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from .hub.pull import pull
 
-    result = pull(args.ref, args.out, overwrite=args.overwrite)
+    result = pull(args.ref, args.out, overwrite=args.overwrite, token=args.token)
+    if args.json:
+        _print_json({"repo_id": result.repo_id, "revision": result.revision, "commit": result.commit,
+                     "folder": str(result.folder), "verified": True})
+        return 0
     print(f"pulled {result.repo_id}@{result.revision} = commit {result.commit} into {result.folder} (verified)", file=sys.stderr)
     print(result.folder)
     return 0
@@ -186,6 +282,9 @@ def cmd_card(args: argparse.Namespace) -> int:
 
     opened = open_folder(args.folder)
     names = write_card(opened.path, opened.manifest, repo_id=args.repo_id, revision=args.revision)
+    if args.json:
+        _print_json({"folder": str(opened.path), "files": [str(opened.path / name) for name in names]})
+        return 0
     for name in names:
         print(opened.path / name)
     return 0
@@ -202,11 +301,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_folder(args.folder, prompts=args.prompts, images=args.images, options=options, device=args.device)
     if not metrics:  # a non-main process of a distributed run
         return 0
-    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    summary = _scalar_metrics(metrics)
     for key in ("baseline_uce", "images"):
         if key in metrics:
-            summary[key] = {k: v for k, v in metrics[key].items() if not isinstance(v, dict)}
-    print(json.dumps(summary, indent=2))
+            summary[key] = _scalar_metrics(metrics[key])
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"updated {args.folder}: metrics.json, erasepro.yaml and the card", file=sys.stderr)
+    baseline = summary.get("baseline_uce", {})
+    print(
+        f"evaluated {args.folder} ({summary.get('method')}; {summary.get('n_heldout_prompts')} held-out and "
+        f"{summary.get('n_preserve_prompts')} preserve prompts)"
+    )
+    print(f"  {'metric':26s} {'erasure':>10s}" + (f" {'UCE baseline':>12s}" if baseline else ""))
+    for key, fmt in _SUMMARY_METRICS:
+        if isinstance(summary.get(key), (int, float)):
+            line = f"  {key:26s} {summary[key]:>10{fmt}}"
+            if isinstance(baseline.get(key), (int, float)):
+                line += f" {baseline[key]:>12{fmt}}"
+            print(line)
+    for key, value in summary.get("images", {}).items():
+        if isinstance(value, float):
+            print(f"  {'images.' + key:26s} {value:>10.4g}")
     return 0
 
 
@@ -217,16 +334,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     variants += [parse_variant(v) for v in args.variant or []]
     if not variants:
         variants = [parse_variant(m) for m in ("uce", "erasepro-kv", "erasepro")]
-    bar, step = _solve_progress("compare")
-    try:
-        rows = compare(args.manifests, variants, prompts=args.prompts, device=args.device, progress=step)
-    finally:
-        bar.close()
+    with _StageBar("compare", total=len(args.manifests) * len(variants), unit="variant") as bar:
+        rows = compare(args.manifests, variants, prompts=args.prompts, device=args.device, progress=bar)
     if args.out:
         for path in write_comparison(rows, args.out, command=args.command_line):
             print(f"wrote {path}", file=sys.stderr)
-    print(markdown_table(rows))
+    if args.json:
+        _print_json({"rows": rows})
+    else:
+        print(markdown_table(rows))
     return 0
+
+
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed-form concept erasure for Stable Diffusion, as verifiable, regenerable adapters.",
     )
     parser.add_argument("--version", action="version", version=f"erasepro_hub {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="more diagnostics on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more diagnostics on stderr (Hub requests too)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("erase", help="solve a manifest and write the erasure folder")
@@ -243,7 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: erasures/<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default="cpu", help="torch device for the text encoders (default: cpu)")
+    _json_option(p)
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("combine", help="solve several manifests or erasures as one erasure folder")
+    p.add_argument("sources", nargs="+", metavar="MANIFEST_OR_DIR", help="manifests (.yaml) or erasure folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", help="the combined erasure's name (default: from the sources)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", default="cpu", help="torch device for the text encoders (default: cpu)")
+    _json_option(p)
+    p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("regenerate", help="recompute an erasure from DIR/erasepro.yaml")
     p.add_argument("folder", help="an erasure folder (or its erasepro.yaml), or a Hub reference user/name[@rev]")
@@ -251,26 +382,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write the regenerated folder (without --verify; default: DIR-regenerated)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cpu")
+    _json_option(p)
     p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("push", help="publish an erasure folder to the Hub in one commit")
     p.add_argument("folder")
     p.add_argument("repo_id", help="user/name or org/name")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--branch", help="commit to this branch (created if missing; default main)")
-    p.add_argument("--tag", help="tag the commit")
+    p.add_argument("--branch", help="commit to this branch (created if missing; default main); with --create-pr, "
+                                    "the existing branch the pull request targets")
+    p.add_argument("--tag", help="tag the commit (an existing tag is never moved)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--commit-message", help="the commit's summary line (default: erasepro: NAME (METHOD))")
+    p.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or `hf auth login`'s); never printed")
+    _json_option(p)
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("pull", help="download an erasure by revision, verified")
-    p.add_argument("ref", metavar="REPO_ID[@REV]", help="user/name, optionally @branch, @tag or @commit")
+    p.add_argument("ref", metavar="REPO_ID[@REV]", help="user/name, optionally @branch, @tag, @commit or @refs/pr/N")
     p.add_argument("--out", help="output folder (default: the repository name)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--token", help="a Hub token for a private repository (default: HF_TOKEN or `hf auth login`'s)")
+    _json_option(p)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("card", help="(re)render the model card and plot of an erasure folder")
     p.add_argument("folder")
     p.add_argument("--repo-id", help="the repository the card should point to")
     p.add_argument("--revision", help="the revision the card's snippet loads (default main)")
+    _json_option(p)
     p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("eval", help="measure an erasure (feature metrics, UCE baseline, optional images)")
@@ -286,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, help="use at most this many prompts per set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    _json_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="run methods and setting variants on the same prompts, side by side")
@@ -295,21 +436,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="extra held-out/preserve prompts, as for eval")
     p.add_argument("--out", help="write compare.md and compare.json into this folder")
     p.add_argument("--device", default="cpu")
+    _json_option(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="summarise an erasure folder and check its files")
     p.add_argument("folder")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _json_option(p)
     p.set_defaults(func=cmd_inspect)
     return parser
 
 
+#: The HTTP client under huggingface_hub logs every request at INFO (``HTTP Request: POST …``); 1.x
+#: clients use ``httpx``, 2.x ``httpx2``.
+_HTTP_LOGGERS = ("httpx", "httpx2")
+#: The transport below it logs connection internals at DEBUG: never wanted, not even with ``-v``.
+_TRANSPORT_LOGGERS = ("httpcore", "httpcore2")
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    # set both ways: a second ``main()`` in the same process must not inherit the first one's levels
+    for name in _HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    for name in _TRANSPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        for noisy in ("transformers", "diffusers", "huggingface_hub", "httpx"):
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # huggingface_hub resets its level on import
+        for noisy in ("transformers", "diffusers", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -321,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.command_line = ["erasepro", *argv]
+    token = getattr(args, "token", None)
+    # the command line is recorded in the folders it writes: a token given on it never is
+    args.command_line = ["erasepro", *(word.replace(token, "***") if token else word for word in argv)]
     _configure_logging(args.verbose)
     try:
         with warnings.catch_warnings():

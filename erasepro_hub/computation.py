@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol, Union, runtime_checkable
 
 from .manifest import BaseModelRef, Recipe
 from .solver import LowRankDelta
+
+#: The steps a computation announces to a :class:`Progress` before they begin.
+LOADING_STEP = "loading base weights"
+SOLVING_STEP = "solving"
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """A progress report that also hears when each step begins (a progress bar, say).
+
+    A plain ``Callable[[str], None]`` is enough to hear each stage finish; an object that also has
+    ``start`` hears ``start(LOADING_STEP)`` before the base model is loaded (which can take longer than
+    the solve) and ``start(SOLVING_STEP, n)`` before the first of the ``n`` stages is solved.
+    """
+
+    def __call__(self, stage: str) -> None:
+        """A stage was solved."""
+
+    def start(self, step: str, total: int | None = None) -> None:
+        """``step`` begins; ``total``: how many stages it will report (``None``: it reports none)."""
+
+
+ProgressCallback = Union[Callable[[str], None], Progress]
 
 
 @dataclass

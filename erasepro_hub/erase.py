@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .adapters.lora import stored_deltas
-from .computation import Computation, LoadedBase
+from .computation import LOADING_STEP, SOLVING_STEP, Computation, LoadedBase, Progress, ProgressCallback
 from .errors import EraseProError
 from .fsutil import check_output
 from .manifest import BaseModelRef, Manifest, Recipe, load_manifest
@@ -58,18 +57,28 @@ def load_base(recipe: Recipe, *, device: str = "cpu") -> LoadedBase:
 
 # ----------------------------------------------------------------------------- compute
 def compute(
-    recipe: Recipe, *, device: str = "cpu", progress: Callable[[str], None] | None = None, base: LoadedBase | None = None
+    recipe: Recipe, *, device: str = "cpu", progress: ProgressCallback | None = None, base: LoadedBase | None = None
 ) -> Computation:
-    """Solve a recipe. ``base`` reuses an already loaded base model."""
+    """Solve a recipe. ``base`` reuses an already loaded base model.
+
+    ``progress(stage)`` is called as each stage is solved; a :class:`~erasepro_hub.computation.Progress`
+    also hears ``start(LOADING_STEP)`` before the base model is loaded and ``start(SOLVING_STEP, n)``
+    with the number of stages before the first is solved.
+    """
     from .models.loading import DTYPES
     from .models.progressive import solve_erasure
 
     if isinstance(recipe, Manifest):
         recipe = recipe.recipe()
     plan = plan_from_recipe(recipe)
-    base = base or load_base(recipe, device=device)
+    start = progress.start if isinstance(progress, Progress) else None
+    if base is None:
+        if start is not None:
+            start(LOADING_STEP)
+        base = load_base(recipe, device=device)
     resolved = resolve_recipe(recipe, base.ref)
-    solution = solve_erasure(base.model, plan, progress=progress)
+    stages = (lambda n: start(SOLVING_STEP, n)) if start is not None else None
+    solution = solve_erasure(base.model, plan, progress=progress, stages=stages)
     stored = stored_deltas(solution.deltas, recipe.adapter.format, DTYPES[recipe.adapter.dtype])
     return Computation(resolved, base, solution, stored)
 
@@ -105,10 +114,12 @@ def erase(
     *,
     overwrite: bool = False,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
     command: list[str] | None = None,
 ) -> Path:
     """Run an erasure from a manifest (path or object) and write its folder; returns the folder.
+
+    ``progress`` hears each solved stage (and, as for :func:`compute`, each step as it begins).
 
     Nothing is written unless everything succeeds; an existing ``out`` is refused
     unless ``overwrite``.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from erasepro_hub.adapters import load_adapter, open_folder, read_adapter, save_adapter
+from erasepro_hub.adapters import load_erasure, open_folder, read_adapter, save_adapter
 from erasepro_hub.adapters.folder import safe_relative
 from erasepro_hub.adapters.lora import HEADER_RECIPE, dense_as_lora, file_sha256, to_state_dict
 from erasepro_hub.errors import AdapterFormatError, UnsafePathError, VerificationError
@@ -132,7 +132,7 @@ def test_truncated_adapter_in_folder_leaves_pipeline_untouched(demo_folder, tmp_
     pipe, _ = load_builtin("tiny-sd")
     before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
     with pytest.raises(VerificationError):
-        load_adapter(pipe, folder)
+        load_erasure(pipe, folder)
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import kv_residuals
 
-from erasepro_hub.adapters import load_adapter, read_adapter, unload_adapter
+from erasepro_hub.adapters import load_erasure, read_adapter, unload_erasure
 from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.loading import load_builtin
 
@@ -24,7 +24,7 @@ def fresh(name: str = "tiny-sd"):
 def test_kv_of_targets_equal_anchor_kv(request, fixture, builtin):
     folder = request.getfixturevalue(fixture)
     original, edited = fresh(builtin), fresh(builtin)
-    load_adapter(edited, folder)
+    load_erasure(edited, folder)
     residuals, pooled = kv_residuals(folder, edited, original)
     n_sites = sum(1 for n, _ in original.unet.named_modules() if n.endswith("attn2"))
     assert len(residuals) == 2 * n_sites
@@ -44,8 +44,8 @@ def test_without_adapter_the_residual_is_large(demo_folder):
 def test_uce_leaves_a_larger_residual(demo_folder, demo_uce_folder):
     original = fresh()
     ours, uce = fresh(), fresh()
-    load_adapter(ours, demo_folder)
-    load_adapter(uce, demo_uce_folder)
+    load_erasure(ours, demo_folder)
+    load_erasure(uce, demo_uce_folder)
     r_ours, _ = kv_residuals(demo_folder, ours, original)
     r_uce, _ = kv_residuals(demo_uce_folder, uce, original)
     mean = lambda r: sum(r.values()) / len(r)  # noqa: E731
@@ -105,7 +105,7 @@ def test_plain_diffusers_loads_the_adapter(request, fixture, builtin):
         assert list(match[0].r.values()) == [delta.rank]
     # and gives the same K/V as our verified loader
     ours = fresh(builtin)
-    load_adapter(ours, folder)
+    load_erasure(ours, folder)
     original = fresh(builtin)
     r_plain, p_plain = kv_residuals(folder, plain, original)
     r_ours, p_ours = kv_residuals(folder, ours, original)
@@ -123,7 +123,7 @@ def test_fused_and_hooked_agree_and_undo_is_exact(demo_folder):
     before = {n: p.detach().clone() for n, p in original.unet.named_parameters() if "attn2" in n}
     before.update({n: p.detach().clone() for n, p in original.text_encoder.named_parameters()})
     fused = fresh()
-    handle = load_adapter(fused, demo_folder, fuse=True)
+    handle = load_erasure(fused, demo_folder, fuse=True)
     r_fused, _ = kv_residuals(demo_folder, fused, original)
     assert max(r_fused.values()) <= TOL
     handle.remove()
@@ -132,10 +132,10 @@ def test_fused_and_hooked_agree_and_undo_is_exact(demo_folder):
             assert torch.equal(p, before[n]), n
     for n, p in fused.text_encoder.named_parameters():
         assert torch.equal(p, before[n]), n
-    # hooks: unload_adapter removes every applied erasure
+    # hooks: unload_erasure removes every applied erasure
     hooked = fresh()
-    load_adapter(hooked, demo_folder)
-    assert unload_adapter(hooked) == 1
+    load_erasure(hooked, demo_folder)
+    assert unload_erasure(hooked) == 1
     r_clean, _ = kv_residuals(demo_folder, hooked, original)
     assert min(r_clean.values()) > 0.05
 
@@ -150,7 +150,7 @@ def test_other_base_weights_are_refused_before_anything_changes(demo_folder):
     snapshot = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     te_snapshot = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
     with pytest.raises(BaseMismatchError, match="mid_block.attentions.0.transformer_blocks.0.attn2.to_v"):
-        load_adapter(pipe, demo_folder)
+        load_erasure(pipe, demo_folder)
     for n, p in pipe.unet.named_parameters():
         assert torch.equal(p, snapshot[n])
     for n, p in pipe.text_encoder.named_parameters():
@@ -160,7 +160,7 @@ def test_other_base_weights_are_refused_before_anything_changes(demo_folder):
     ]
     assert hooks == []
     # the expert opt-out applies it anyway
-    handle = load_adapter(pipe, demo_folder, verify_base=False)
+    handle = load_erasure(pipe, demo_folder, verify_base=False)
     assert handle.active
 
 
@@ -168,12 +168,12 @@ def test_adapter_for_another_architecture_is_refused(demo_folder):
     from erasepro_hub.errors import BaseMismatchError
 
     with pytest.raises(BaseMismatchError, match="shape|no module|another"):
-        load_adapter(fresh("tiny-sdxl"), demo_folder)
+        load_erasure(fresh("tiny-sdxl"), demo_folder)
 
 
 def test_half_precision_pipeline_is_recognised(demo_folder):
     pipe, _ = load_builtin("tiny-sd", dtype=torch.bfloat16)
-    handle = load_adapter(pipe, demo_folder)  # bfloat16 fingerprints are recorded at erase time
+    handle = load_erasure(pipe, demo_folder)  # bfloat16 fingerprints are recorded at erase time
     assert handle.active
 
 

@@ -24,7 +24,7 @@ def test_eval_writes_metrics_baseline_and_card(demo_folder, tmp_path, capsys):
     prompts.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "a swirling sky by Vincent van Gogh"}, {"prompt": "a sailboat at dawn"},
     ]))
-    assert main(["eval", str(folder), "--prompts", str(prompts)]) == 0
+    assert main(["eval", str(folder), "--prompts", str(prompts), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     manifest = load_manifest(folder)
     metrics = manifest.metrics
@@ -97,11 +97,11 @@ def test_minilm_zero_residual_beside_uce(tmp_path, capsys):
     assert metrics["residual_train"] <= 1e-5
     assert metrics["baseline_uce"]["residual_train"] > 1e-2
     # BERT text-encoder edits load through our own apply path (diffusers cannot load them)
-    from erasepro_hub import load_adapter
+    from erasepro_hub import load_erasure
     from erasepro_hub.models.builtin import build_builtin
 
     pipe = build_builtin("minilm-sd")
-    handle = load_adapter(pipe, out)
+    handle = load_erasure(pipe, out)
     assert any(k.startswith("text_encoder.encoder.layer.") for k in handle.deltas)
 
 

@@ -130,7 +130,7 @@ def test_cli_push_pull_regenerate(demo_folder, tmp_path, as_alice, capsys):
     assert len(sha) == 40
     assert main(["pull", f"{repo_id}@v1", "--out", str(tmp_path / "p")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "p")
-    assert main(["regenerate", f"{repo_id}@{sha}", "--verify"]) == 0
+    assert main(["regenerate", f"{repo_id}@{sha}", "--verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["pull", f"{repo_id}@no-such-tag", "--out", str(tmp_path / "q")]) == 2
     assert "revision not found" in capsys.readouterr().err
@@ -150,14 +150,14 @@ def test_plain_diffusers_loads_from_the_hub_by_commit(demo_folder, tmp_path, as_
 
 
 def test_load_adapter_from_the_hub_is_verified(demo_folder, tmp_path, as_alice, hub):
-    from erasepro_hub import load_adapter
+    from erasepro_hub import load_erasure
 
     repo_id = repo()
     folder = tmp_path / "f"
     shutil.copytree(demo_folder, folder)
     sha = push(folder, repo_id, tag="v1").commit
     pipe = load_builtin("tiny-sd")[0]
-    handle = load_adapter(pipe, repo_id, revision="v1")
+    handle = load_erasure(pipe, repo_id, revision="v1")
     assert handle.source == f"{repo_id}@{sha}"
     residuals, _ = kv_residuals(demo_folder, pipe, load_builtin("tiny-sd")[0])
     assert max(residuals.values()) <= 1e-5
@@ -169,7 +169,7 @@ def test_load_adapter_from_the_hub_is_verified(demo_folder, tmp_path, as_alice, 
     from erasepro_hub.errors import BaseMismatchError
 
     with pytest.raises(BaseMismatchError, match="layers.1.mlp.fc2"):
-        load_adapter(other, repo_id, revision=sha)
+        load_erasure(other, repo_id, revision=sha)
 
 
 def test_tampered_download_fails_the_checksum(demo_folder, tmp_path, as_alice, hub, no_backoff):
@@ -362,3 +362,108 @@ def test_one_rule_says_what_is_a_hub_repository(tmp_path, monkeypatch):
     assert not looks_like_repo("demo/a/b") and not looks_like_repo("./demo") and not looks_like_repo("-x/y")
     (tmp_path / "demo" / "local").mkdir(parents=True)
     assert not looks_like_repo("demo/local") and not looks_like_repo(tmp_path / "demo" / "local")
+
+
+# ----------------------------------------------------------------------------- command-line output and push options
+def test_hub_requests_are_logged_only_with_verbose(demo_folder, tmp_path, as_alice, capfd, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)  # the root accepts everything: only the command's own levels filter
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    repo_id = repo()
+    assert main(["push", str(folder), repo_id]) == 0
+    assert main(["pull", repo_id, "--out", str(tmp_path / "p")]) == 0
+    captured = capfd.readouterr()
+    assert not [text for text in (captured.out, captured.err, caplog.text) if "HTTP Request" in text]
+    caplog.clear()
+    assert main(["-v", "push", str(folder), repo_id]) == 0
+    captured = capfd.readouterr()
+    assert "HTTP Request: POST" in caplog.text + captured.err
+    assert "connect_tcp" not in caplog.text + captured.err  # the transport's internals stay out even then
+
+
+def test_cli_push_and_pull_json(demo_folder, tmp_path, as_alice, capsys):
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    repo_id = repo()
+    assert main(["push", str(folder), repo_id, "--tag", "v1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["repo_id"] == repo_id and len(result["commit"]) == 40 and result["tag"] == "v1"
+    assert result["new_commit"] is True and result["pr_revision"] is None and result["folder"] == str(folder)
+    assert main(["pull", f"{repo_id}@v1", "--out", str(tmp_path / "p"), "--json"]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled == {"repo_id": repo_id, "revision": "v1", "commit": result["commit"], "folder": str(tmp_path / "p"),
+                      "verified": True}
+
+
+def test_push_create_pr_moves_no_branch_and_no_tag(demo_folder, tmp_path, as_alice, hub, capsys):
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    repo_id = repo()
+    assert main(["push", str(folder), repo_id, "--tag", "v1"]) == 0
+    capsys.readouterr()
+    before = remote_state(hub, repo_id)[:2]
+    # the card now names main instead of v1: there is something to propose
+    assert main(["push", str(folder), repo_id, "--create-pr", "--commit-message", "Propose the erasure"]) == 0
+    captured = capsys.readouterr()
+    sha = captured.out.strip()
+    assert len(sha) == 40  # the commit sha stays the one line on stdout
+    assert "refs/pr/1" in captured.err and f"{repo_id}/discussions/1" in captured.err
+    assert remote_state(hub, repo_id)[:2] == before  # the branch did not move, no tag was made
+    api = HfApi()
+    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", sha)]
+    assert api.list_repo_commits(repo_id, revision="refs/pr/1")[0].title == "Propose the erasure"
+    assert pull(f"{repo_id}@refs/pr/1", tmp_path / "review").commit == sha
+    records = json.loads((folder / ".erasepro" / "pushes.json").read_text())
+    assert records[-1]["pr_revision"] == "refs/pr/1" and records[-1]["pr_url"].endswith("/discussions/1")
+    # content the branch already holds opens no pull request
+    merged = push(folder, repo_id)
+    again = push(folder, repo_id, create_pr=True)
+    assert again.pr_revision is None and not again.new_commit and again.commit == merged.commit
+    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+    assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
+
+
+def test_push_refuses_a_tag_or_a_missing_branch_with_create_pr(demo_folder, tmp_path, as_alice, hub, capsys):
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    card = (folder / "README.md").read_bytes()
+    repo_id = repo()
+    assert main(["push", str(folder), repo_id, "--create-pr", "--tag", "v1"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot be tagged" in captured.err and captured.out == ""
+    assert ("model", repo_id) not in hub.store.repos  # refused before anything was sent
+    assert (folder / "README.md").read_bytes() == card  # or rewritten
+    with pytest.raises(HubError, match="cannot be tagged") as exc:
+        push(folder, repo_id, tag="v1", create_pr=True)
+    assert exc.value.exit_code == 2
+    assert main(["push", str(folder), repo_id]) == 0
+    capsys.readouterr()
+    before = remote_state(hub, repo_id)
+    assert main(["push", str(folder), repo_id, "--create-pr", "--branch", "no-such-branch"]) == 2
+    assert "no branch 'no-such-branch'" in capsys.readouterr().err
+    assert remote_state(hub, repo_id) == before
+
+
+def test_push_token_and_commit_message_options(demo_folder, tmp_path, monkeypatch, capfd):
+    from huggingface_hub import HfApi
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    folder = tmp_path / "f"
+    shutil.copytree(demo_folder, folder)
+    repo_id = repo()
+    token = TOKENS["alice"]
+    assert main(["push", str(folder), repo_id, "--token", token, "--commit-message", "First release"]) == 0
+    captured = capfd.readouterr()
+    assert HfApi(token=token).list_repo_commits(repo_id)[0].title == "First release"
+    assert main(["pull", repo_id, "--out", str(tmp_path / "p"), "--token", token]) == 0
+    captured_pull = capfd.readouterr()
+    texts = [captured.out, captured.err, captured_pull.out, captured_pull.err]
+    texts += [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [t for t in texts if token in t]
+    assert main(["push", str(folder), repo(), "--token", "hf_not_a_valid_token"]) == 2
+    assert "authentication failed" in capfd.readouterr().err

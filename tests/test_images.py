@@ -133,7 +133,7 @@ def test_eval_images_under_accelerate(demo_folder, tiny_clip, tmp_path):
     command = [
         accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "-m", "erasepro_hub.cli", "eval", str(folder), "--images", "--clip-model",
-        str(tiny_clip), "--steps", "2", "--size", "64", "--max-prompts", "3",
+        str(tiny_clip), "--steps", "2", "--size", "64", "--max-prompts", "3", "--json",
     ]
     env = dict(os.environ, ACCELERATE_CONFIG_FILE=str(tmp_path / "none.yaml"))
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

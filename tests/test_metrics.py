@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from erasepro_hub.adapters import load_adapter, read_adapter
+from erasepro_hub.adapters import load_erasure, read_adapter
 from erasepro_hub.metrics.features import feature_metrics
 from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.models.prompts import Prompt, PromptPair, fill
@@ -58,7 +58,7 @@ def frob(rows: list[torch.Tensor]) -> float:
 def setup(demo_folder):
     original = load_builtin("tiny-sd")[0]
     edited = load_builtin("tiny-sd")[0]
-    load_adapter(edited, demo_folder)
+    load_erasure(edited, demo_folder)
     _, model = load_builtin("tiny-sd")
     deltas = read_adapter(demo_folder / "pytorch_lora_weights.safetensors").deltas
     return original, edited, model, deltas

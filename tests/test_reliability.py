@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from erasepro_hub.adapters import load_adapter, read_adapter, save_adapter
+from erasepro_hub.adapters import load_erasure, read_adapter, save_adapter
 from erasepro_hub.errors import (
     AdapterFormatError,
     BaseMismatchError,
@@ -438,7 +438,7 @@ def test_corrupted_artefacts_leave_the_pipeline_untouched(demo_folder, tmp_path,
     pipe = load_builtin("tiny-sd")[0]
     state = _snapshot(pipe)
     with pytest.raises(error, match=message):
-        load_adapter(pipe, folder)
+        load_erasure(pipe, folder)
     assert _untouched(pipe, state)
 
 
@@ -461,7 +461,7 @@ def test_adapter_for_another_base_is_refused_before_anything_changes(demo_folder
     components = ("unet", "text_encoder")
     state = {f"{c}.{n}": p.detach().clone() for c in components for n, p in getattr(pipe, c).named_parameters()}
     with pytest.raises(BaseMismatchError, match=match):
-        load_adapter(pipe, demo_folder)
+        load_erasure(pipe, demo_folder)
     assert _untouched(pipe, state)
 
 
@@ -565,7 +565,7 @@ def test_no_pickle_is_loaded_during_erase_load_push_and_pull(demo_folder, tmp_pa
     monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
     out = tmp_path / "e"
     assert main(["erase", str(DEMO), "--out", str(out)]) == 0
-    load_adapter(load_builtin("tiny-sd")[0], out)
+    load_erasure(load_builtin("tiny-sd")[0], out)
     assert main(["push", str(out), "alice/no-pickle"]) == 0
     assert main(["pull", "alice/no-pickle", "--out", str(tmp_path / "p")]) == 0
 

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import TOKENS
 from helpers import forge, read_tensors
-from erasepro_hub import load_adapter, unload_adapter
+from erasepro_hub import load_erasure, unload_erasure
 from erasepro_hub.api import push
 from erasepro_hub.cli import main
 from erasepro_hub.errors import BaseMismatchError, HubError, UnsafePathError, VerificationError
@@ -65,7 +65,7 @@ def outputs_of(pipe) -> torch.Tensor:
 def assert_refused_untouched(pipe, folder, error, match):
     before = outputs_of(pipe)
     with pytest.raises(error, match=match):
-        load_adapter(pipe, folder)
+        load_erasure(pipe, folder)
     assert torch.equal(outputs_of(pipe), before)
 
 
@@ -142,17 +142,17 @@ def test_the_loader_refuses_to_stack_on_a_diffusers_lora(demo_folder):
     pipe.load_lora_weights(demo_folder, weight_name=ADAPTER)
     assert_refused_untouched(pipe, demo_folder, BaseMismatchError, "unload_lora_weights")
     pipe.unload_lora_weights()
-    applied = load_adapter(pipe, demo_folder)  # once the first is gone, the verified loader applies it once
+    applied = load_erasure(pipe, demo_folder)  # once the first is gone, the verified loader applies it once
     applied.remove()
 
 
 def test_the_loader_refuses_to_apply_an_erasure_twice(demo_folder, demo_uce_folder):
     pipe, _ = load_builtin("tiny-sd")
-    load_adapter(pipe, demo_folder)
+    load_erasure(pipe, demo_folder)
     assert_refused_untouched(pipe, demo_folder, BaseMismatchError, "already carries the erasure")
     assert_refused_untouched(pipe, demo_uce_folder, BaseMismatchError, "already carries the erasure")
-    assert unload_adapter(pipe) == 1
-    load_adapter(pipe, demo_uce_folder).remove()
+    assert unload_erasure(pipe) == 1
+    load_erasure(pipe, demo_uce_folder).remove()
 
 
 # ----------------------------------------------------------------------------- pull

@@ -1,21 +1,29 @@
 """Applying an erasure to a loaded pipeline, verified, and undoing it.
 
-``load_adapter`` checks everything before it touches the pipeline: file hashes,
-that the manifest's recipe made the adapter, that every site exists with the
-right shape, and (unless ``verify_base=False``) that the pipeline's weights are
-the ones the erasure was computed from. Then it either
+:func:`load_erasure` checks everything before it touches the pipeline: file hashes, both header
+hashes, that the adapter holds exactly the recorded sites, that every site exists with the right
+shape, that no erasure or LoRA layer already sits on those modules, and (unless
+``verify_base=False``) that the pipeline's weights are the ones the erasure was computed from.
+Then it applies the erasure
 
-* adds ``ΔW x`` with forward hooks (``fuse=False``, the default; undo removes the
-  hooks and the weights were never touched), or
-* fuses: ``W ← W + B A`` computed in float64 and cast once (zero inference
-  overhead); the original weights are kept, so undo restores them bit for bit.
+* through diffusers' own LoRA machinery wherever diffusers can load the file (SD 1.x/2.x/XL with
+  CLIP text encoders): ``pipe.load_lora_weights(folder, adapter_name=...)`` — the erasure is an
+  adapter diffusers knows (``get_list_adapters``, ``set_adapters``, ``fuse_lora``,
+  ``unload_lora_weights`` all see it); ``fuse=True`` fuses it at scale 1. Afterwards every site is
+  checked to carry the adapter at scale 1, or the load is undone and refused;
+* with forward hooks (``y + ΔW x``) only where diffusers cannot load the file — the package's BERT
+  text encoders (``builtin:minilm-sd``); ``fuse=True`` there adds ``B A`` into the weights in float64.
 
-Plain diffusers works too: ``pipe.load_lora_weights(folder,
-weight_name="pytorch_lora_weights.safetensors")`` — without these checks.
+Either way the handle's :meth:`AppliedErasure.remove` undoes it; fused weights are restored bit for
+bit from a copy taken before fusing.
+
+Why one module of this length: the checks, the two ways of applying and the undo share one registry
+of applied erasures; splitting them would let a path skip a check the others run.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +32,13 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import BaseMismatchError
+from ..errors import AdapterFormatError, BaseMismatchError
 from ..naming import get_module, split_key
 from ..solver import LowRankDelta
 from .fingerprint import check_fingerprints
 from .folder import ErasureFolder, open_folder
 
-_REGISTRY: "weakref.WeakKeyDictionary[Any, list[AppliedAdapter]]" = weakref.WeakKeyDictionary()
+_REGISTRY: "weakref.WeakKeyDictionary[Any, list[AppliedErasure]]" = weakref.WeakKeyDictionary()
 
 
 def _linear(module: nn.Module) -> nn.Module:
@@ -67,36 +75,72 @@ def check_shapes(modules: Mapping[str, nn.Module], deltas: Mapping[str, LowRankD
 
 
 @dataclass(eq=False)
-class AppliedAdapter:
-    """An erasure applied to a pipeline; :meth:`remove` undoes it exactly."""
+class AppliedErasure:
+    """An erasure applied to a pipeline; :meth:`remove` undoes it exactly.
+
+    ``backend`` is ``"diffusers"`` (a LoRA adapter named ``adapter_name`` in diffusers' registry) or
+    ``"hooks"`` (forward hooks, or fused weights, managed here).
+    """
 
     target: Any
     modules: dict[str, nn.Module]
     deltas: dict[str, LowRankDelta]
     fused: bool
     source: str = ""
+    backend: str = "hooks"
+    adapter_name: str | None = None
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _handles: list = field(default_factory=list, repr=False)
-    active: bool = True
+    _removed: bool = field(default=False, repr=False)
+
+    @property
+    def active(self) -> bool:
+        """Still applied: not removed here, and (diffusers backend) still in the pipeline's adapter registry."""
+        if self._removed:
+            return False
+        if self.backend == "diffusers":
+            return self.adapter_name in _adapter_names(self.target)
+        return True
 
     def remove(self) -> None:
-        """Undo: remove the hooks, or restore the original weights bit for bit. Idempotent."""
-        if not self.active:
+        """Undo: unfuse and delete the diffusers adapter, or remove the hooks; fused weights restored bit for bit.
+
+        Idempotent; also safe after ``pipe.unload_lora_weights()`` removed the adapter already.
+        """
+        if self._removed:
             return
+        if self.backend == "diffusers" and self.adapter_name in _adapter_names(self.target):
+            if self.fused:
+                self.target.unfuse_lora()
+            self.target.delete_adapters(self.adapter_name)
+            if not _adapter_names(self.target):  # the last adapter: give the modules back their plain form
+                self.target.unload_lora_weights()
         for handle in self._handles:
             handle.remove()
         with torch.no_grad():
             for key, original in self._originals.items():
-                self.modules[key].weight.copy_(original)
+                _linear(self.modules[key]).weight.copy_(original)
         self._handles.clear()
         self._originals.clear()
-        self.active = False
+        self._removed = True
         try:
             applied = _REGISTRY.get(self.target)
         except TypeError:  # the target cannot be weakly referenced (e.g. None)
             applied = None
         if applied and self in applied:
             applied.remove(self)
+
+
+#: The name the first release used; kept as an alias.
+AppliedAdapter = AppliedErasure
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    """Every LoRA adapter name diffusers knows on ``pipe`` (empty for objects without the LoRA API)."""
+    lister = getattr(pipe, "get_list_adapters", None)
+    if lister is None:
+        return set()
+    return {name for names in lister().values() for name in names}
 
 
 def _hook(delta: LowRankDelta, weight: torch.Tensor):
@@ -112,8 +156,8 @@ def _hook(delta: LowRankDelta, weight: torch.Tensor):
 def check_not_stacked(target: Any, keys: Iterable[str]) -> None:
     """Refuse sites that already carry an erasure or a LoRA adapter: applying again would add ``ΔW`` twice.
 
-    Two kinds are seen: an erasure applied with :func:`load_adapter` (ours, still active), and the LoRA layers
-    ``pipe.load_lora_weights`` installs (PEFT wrappers with a ``lora_A`` entry). A LoRA already fused into the
+    Two kinds are seen: an erasure applied with :func:`load_erasure` (still active), and LoRA layers
+    ``pipe.load_lora_weights`` installed (PEFT wrappers with a ``lora_A`` entry). A LoRA already fused into the
     weights is not visible here; the base-weight fingerprints catch it.
     """
     keys = list(keys)
@@ -127,7 +171,8 @@ def check_not_stacked(target: Any, keys: Iterable[str]) -> None:
             raise BaseMismatchError(
                 f"the pipeline already carries the erasure {handle.source or 'applied earlier'} on {shared[0]} "
                 f"(and {len(shared) - 1} more sites); call .remove() on its handle or "
-                "erasepro_hub.unload_adapter(pipe) before loading another"
+                "erasepro_hub.unload_erasure(pipe) before loading another (to erase several concepts at once, "
+                "`erasepro combine` solves them jointly)"
             )
     for key in keys:
         component, path = split_key(key)
@@ -153,11 +198,11 @@ def apply_deltas(
     *,
     fuse: bool = False,
     source: str = "",
-) -> AppliedAdapter:
-    """Apply ``deltas`` to the given linear ``modules`` (shapes are checked first)."""
+) -> AppliedErasure:
+    """Apply ``deltas`` to the given linear ``modules`` with hooks, or fused (shapes are checked first)."""
     modules = {key: modules[key] for key in deltas}
     check_shapes(modules, deltas)
-    applied = AppliedAdapter(target, dict(modules), dict(deltas), fuse, source)
+    applied = AppliedErasure(target, dict(modules), dict(deltas), fuse, source)
     for key, delta in deltas.items():
         module = modules[key]
         if fuse:
@@ -167,50 +212,121 @@ def apply_deltas(
             weight.copy_((weight.double() + update).to(weight.dtype))
         else:
             applied._handles.append(module.register_forward_hook(_hook(delta, module.weight)))
+    _register(target, applied)
+    return applied
+
+
+def _register(target: Any, applied: AppliedErasure) -> None:
     try:
         _REGISTRY.setdefault(target, []).append(applied)
     except TypeError:  # target cannot be weakly referenced; undo still works through the handle
         pass
+
+
+def adapter_name_for(folder: ErasureFolder) -> str:
+    """A diffusers adapter name from the erasure's name (PEFT names cannot hold dots)."""
+    name = folder.manifest.name or folder.path.name or "erasure"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "erasure"
+
+
+def _diffusers_can_load(pipe: Any, folder: ErasureFolder) -> bool:
+    """SD 1.x/2.x/XL erasures on a pipeline with diffusers' LoRA API; BERT text encoders are not loadable."""
+    assert folder.manifest.outputs is not None
+    return folder.manifest.outputs.family in ("sd1", "sd2", "sdxl") and callable(getattr(pipe, "load_lora_weights", None))
+
+
+@torch.no_grad()
+def _load_with_diffusers(pipe: Any, folder: ErasureFolder, modules: dict[str, nn.Module], name: str, fuse: bool, source: str):
+    """``pipe.load_lora_weights`` under ``name``, then check that every site carries it at scale 1 (else undo)."""
+    assert folder.manifest.outputs is not None
+    if name in _adapter_names(pipe):
+        raise BaseMismatchError(f"the pipeline already has an adapter named {name!r}; pass another adapter_name")
+    pipe.load_lora_weights(str(folder.path), weight_name=folder.manifest.outputs.adapter_file, adapter_name=name)
+    applied = AppliedErasure(pipe, dict(modules), dict(folder.adapter.deltas), False, source, "diffusers", name)
+    try:
+        for key in folder.adapter.deltas:
+            component, path = split_key(key)
+            wrapper = get_module(getattr(pipe, component), path)
+            lora_a = getattr(wrapper, "lora_A", None) or {}
+            scaling = getattr(wrapper, "scaling", {}).get(name)
+            if name not in lora_a or scaling != 1.0:
+                raise BaseMismatchError(
+                    f"diffusers did not load {key} as a LoRA layer at scale 1 (scale {scaling}); "
+                    "this diffusers version cannot apply the erasure exactly"
+                )
+        if fuse:
+            applied._originals = {key: _linear(m).weight.detach().clone() for key, m in modules.items()}
+            pipe.fuse_lora(adapter_names=[name], lora_scale=1.0)
+            applied.fused = True
+    except BaseException:
+        applied.remove()
+        raise
+    _register(pipe, applied)
     return applied
 
 
-def load_adapter(pipe: Any, path: str | Path, *, fuse: bool = False, verify_base: bool = True, source: str | None = None) -> AppliedAdapter:
+def load_erasure(
+    pipe: Any,
+    path: str | Path,
+    *,
+    adapter_name: str | None = None,
+    weight_name: str | None = None,
+    fuse: bool = False,
+    verify_base: bool = True,
+    source: str | None = None,
+) -> AppliedErasure:
     """Apply a local erasure folder to a diffusers pipeline, verified; returns a handle whose ``remove()`` undoes it.
 
-    (``erasepro_hub.load_adapter`` also takes a Hub repository and a revision; it downloads and checks
+    (``erasepro_hub.load_erasure`` also takes a Hub repository and a revision; it downloads and checks
     that commit, then calls this.)
 
     Args:
         pipe: a loaded ``StableDiffusion[XL]Pipeline`` (or any object with ``unet``/``text_encoder`` attributes).
         path: an erasure folder written by ``erasepro erase``.
-        fuse: add ``B A`` into the weights (no inference overhead) instead of using forward hooks.
+        adapter_name: the name diffusers lists the erasure under (default: from the erasure's name).
+        weight_name: the adapter file, as diffusers' argument; it must be the one the manifest checks.
+        fuse: fuse the erasure into the weights (no inference overhead); ``remove()`` restores them bit for bit.
         verify_base: compare the pipeline's weights with the fingerprints recorded at erase time and refuse a
             mismatch; ``False`` skips only this check.
         source: what ``applied.source`` names (default: the path).
 
     Raises:
         VerificationError: a file was modified, or the manifest was edited after the erasure was made.
-        BaseMismatchError: the pipeline lacks a site, has other shapes, or (``verify_base``) other weights.
+        BaseMismatchError: the pipeline lacks a site, has other shapes, already carries an erasure or LoRA on
+            those modules, or (``verify_base``) other weights.
         AdapterFormatError, ManifestError: the folder is not a readable erasure.
     """
     folder: ErasureFolder = open_folder(path)  # also refuses adapter sites the manifest does not record
+    manifest = folder.manifest
+    assert manifest.outputs is not None
+    if weight_name is not None and weight_name != manifest.outputs.adapter_file:
+        raise AdapterFormatError(
+            f"weight_name={weight_name!r}: the erasure's adapter file is {manifest.outputs.adapter_file!r} "
+            "(the one its manifest checks)"
+        )
     deltas = folder.adapter.deltas
     modules = {key: resolve_site(pipe, key) for key in deltas}
     check_not_stacked(pipe, deltas)
     check_shapes(modules, deltas)
     if verify_base:
-        manifest = folder.manifest
-        assert manifest.outputs is not None
         base = manifest.base_model.id + (f"@{manifest.base_model.revision}" if manifest.base_model.revision else "")
         # every weight the solve read, also where nothing is stored (the update there was zero)
         recorded = manifest.outputs.base_fingerprints
         checked = {key: (modules[key] if key in modules else resolve_site(pipe, key)).weight for key in recorded}
         check_fingerprints(checked, recorded, base)
-    return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source or str(path))
+    source = source or str(path)
+    if _diffusers_can_load(pipe, folder):
+        return _load_with_diffusers(pipe, folder, modules, adapter_name or adapter_name_for(folder), fuse, source)
+    if adapter_name is not None:
+        raise BaseMismatchError(
+            f"diffusers cannot load this erasure ({manifest.outputs.family} text encoder), so it is applied with "
+            "hooks and has no diffusers adapter name; leave adapter_name unset"
+        )
+    return apply_deltas(pipe, modules, deltas, fuse=fuse, source=source)
 
 
-def unload_adapter(pipe: Any) -> int:
-    """Undo every erasure applied to ``pipe`` with :func:`load_adapter`, newest first; returns how many."""
+def unload_erasure(pipe: Any) -> int:
+    """Undo every erasure applied to ``pipe`` with :func:`load_erasure`, newest first; returns how many."""
     applied = list(_REGISTRY.get(pipe, []))
     for handle in reversed(applied):
         handle.remove()

@@ -8,6 +8,10 @@ matches). The commit sha is printed by the CLI and recorded in ``DIR/.erasepro/p
 uploaded; a record that cannot be written is a warning, never a failed push). Pulling is
 :mod:`.pull`.
 
+``create_pr=True`` opens a pull request against ``branch`` instead: the commit lands on the
+pull request's ref (``refs/pr/N``), the branch does not move, and no tag is made (a tag with a pull
+request is refused). Unchanged content opens no pull request.
+
 Tokens come from the usual ``huggingface_hub`` sources (``HF_TOKEN``, the token
 file of ``hf auth login``) or the ``token`` argument; they are never printed,
 logged or written anywhere by this module.
@@ -34,9 +38,11 @@ class PushResult:
     repo_id: str
     commit: str
     url: str
-    branch: str
+    branch: str  # the branch committed to, or the one a pull request targets
     tag: str | None
     new_commit: bool
+    pr_revision: str | None = None  # "refs/pr/N" when a pull request was opened
+    pr_url: str | None = None
 
 
 def publish_files(opened: ErasureFolder) -> list[str]:
@@ -60,6 +66,16 @@ def _unchanged(api, repo_id: str, commit: str, folder: Path, names: list[str]) -
     return all(name in remote and _same_content(remote[name], folder / name) for name in names)
 
 
+def check_push_options(*, tag: str | None, create_pr: bool) -> None:
+    """Refuse option combinations a push cannot honour, before anything is written or sent."""
+    if create_pr and tag is not None:
+        raise HubError(
+            f"a pull request does not move any ref, so it cannot be tagged ({tag!r}); push without the tag, "
+            "and tag the merged commit once the pull request is merged",
+            bad_input=True,
+        )
+
+
 def push(
     folder: str | Path,
     repo_id: str,
@@ -69,14 +85,17 @@ def push(
     tag: str | None = None,
     token: str | None = None,
     message: str | None = None,
+    create_pr: bool = False,
 ) -> PushResult:
     """Publish an erasure folder, its card already rendered, as one commit (see the module docs).
 
     ``erasepro_hub.push`` renders the card for this repository and revision first; this function
-    uploads the folder as it is.
+    uploads the folder as it is. ``create_pr``: open a pull request against ``branch`` (which must
+    exist) instead of committing to it.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    check_push_options(tag=tag, create_pr=create_pr)
     folder = Path(folder)
     repo_id, _ = parse_ref(repo_id)
     opened = open_folder(folder)  # refuses a folder whose files do not match the manifest's hashes
@@ -99,6 +118,12 @@ def push(
                 )
         if tag is not None and tag in heads:
             raise HubError(f"{tag!r} is a branch of {repo_id}; a tag of the same name would be ambiguous", bad_input=True)
+        if branch not in heads and create_pr:
+            raise HubError(
+                f"{repo_id} has no branch {branch!r} for a pull request to target; nothing was committed. Give an "
+                f"existing branch ({', '.join(sorted(heads))}) or push to the new branch without --create-pr",
+                bad_input=True,
+            )
         if branch not in heads:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
@@ -110,12 +135,16 @@ def push(
             commit_message=summary,
             commit_description=f"recipe sha256 {opened.manifest.outputs.recipe_sha256}",
             revision=branch,
+            create_pr=create_pr,
         )
     commit = str(info.oid)
     if tag is not None and tag not in tags:
         with hub_errors("create_tag", repo_id):
             api.create_tag(repo_id, tag=tag, revision=commit)
-    result = PushResult(repo_id, commit, f"{api.endpoint}/{repo_id}/tree/{commit}", branch, tag, commit != before)
+    result = PushResult(
+        repo_id, commit, f"{api.endpoint}/{repo_id}/tree/{commit}", branch, tag, commit != before,
+        pr_revision=info.pr_revision if create_pr else None, pr_url=info.pr_url if create_pr else None,
+    )
     record(folder, "pushes.json", asdict(result))
     return result
 

@@ -285,6 +285,21 @@ class AdapterSettings(_Strict):
     dtype: Dtype = "float32"
 
 
+class Source(_Strict):
+    """A manifest a combined erasure was built from (``erasepro combine``)."""
+
+    name: str | None = None
+    ref: str = Field(max_length=MAX_MODEL_ID)  # the path or Hub reference it was read from
+    recipe_sha256: str
+
+    @field_validator("recipe_sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if not SHA256_RE.match(value):
+            raise ValueError("must be a lower-case hex sha256")
+        return value
+
+
 class Recipe(_Strict):
     """Everything ``erase`` needs; its canonical hash identifies an erasure."""
 
@@ -301,6 +316,7 @@ class Recipe(_Strict):
     text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
     uce: UCESettings = Field(default_factory=UCESettings)
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    sources: list[Source] = Field(default_factory=list, max_length=MAX_CONCEPTS)  # set by `erasepro combine`
 
     @field_validator("name")
     @classmethod

@@ -446,21 +446,32 @@ def _target_pass(
 
 @torch.no_grad()
 def solve_erasure(
-    model: EditModel, plan: ErasurePlan, *, progress: Callable[[str], None] | None = None
+    model: EditModel,
+    plan: ErasurePlan,
+    *,
+    progress: Callable[[str], None] | None = None,
+    stages: Callable[[int], None] | None = None,
 ) -> ErasureSolution:
-    """Run the progressive solve; the model's weights are not modified."""
+    """Run the progressive solve; the model's weights are not modified.
+
+    ``stages(n)`` is called once, before the first stage is solved, with the number of stages;
+    ``progress(name)`` is then called as each stage finishes (``n`` calls in all, the last with
+    :data:`FINAL_STAGE`).
+    """
     start = time.perf_counter()
     tokens, _ = _tokenize(model, plan)
-    stages = text_encoder_stages(model, plan)
+    plan_stages = text_encoder_stages(model, plan)
+    if stages is not None:
+        stages(sum(len(s) for s in plan_stages.values()) + 1)  # the text-encoder stages, then the K/V stage
     recorder = _Recorder(progress)
     n_targets = len(plan.pairs) + len(plan.soft_pairs)
     x_parts, y_parts, p_parts = [], [], []
     timings: dict[str, float] = {"tokenize": time.perf_counter() - start}
     t0 = time.perf_counter()
-    summaries = _caption_summaries(model, plan, stages)
+    summaries = _caption_summaries(model, plan, plan_stages)
     timings["captions"] = time.perf_counter() - t0
     for index, te in enumerate(model.text_encoders):
-        te_stages = stages[te.component]
+        te_stages = plan_stages[te.component]
         t0 = time.perf_counter()
         anchor_caps, anchor_embeds = _anchor_captures(te, te_stages, tokens.anchors[index].ids, tokens)
         timings[f"{te.component}.anchor_pass"] = time.perf_counter() - t0

@@ -1,0 +1,118 @@
+"""One erasure for several concepts: manifests combined into one recipe and solved jointly.
+
+Two erasure adapters active together are not an exact erasure: each was solved on the original
+model, so the second sees features the first already moved, and a fractional adapter weight scales
+``ΔW`` — it leaves part of the residual in place (``docs/design.md`` §2.6 has the measured table).
+:func:`combine` instead builds one recipe from several — the union of their concepts, their prompt
+templates (bank templates written out), preserve concepts and evaluation prompts — and solves it
+jointly, so every concept's constraints hold at once (within capacity; the per-site capacity is
+reported like any erasure's). The combined manifest records its sources (name, where it was read
+from, recipe hash) in ``sources``.
+
+Settings that decide how the solve runs must agree across the sources (base model, method, solver,
+text encoder, UCE and adapter settings, preservation mode and weights, misspelling settings); a
+difference is refused naming the field and the source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ManifestError
+from .layout import MANIFEST_FILE
+from .manifest import Recipe, load_manifest, recipe_sha256, to_data
+from .recipe import prompt_templates
+
+#: Sections (or fields) that must be equal in every source.
+SHARED = (
+    "base_model",
+    "method",
+    "solver",
+    "text_encoder",
+    "uce",
+    "adapter",
+    "preserve.mode",
+    "preserve.weight",
+    "preserve.captions",
+    "preserve.caption_weight",
+    "prompts.misspellings",
+    "prompts.misspelling_weight",
+)
+
+
+def _read(source: str | Path) -> Recipe:
+    path = Path(source)
+    return load_manifest(path / MANIFEST_FILE if path.is_dir() else path).recipe()
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _union(lists) -> list:
+    return list(dict.fromkeys(item for items in lists for item in items))
+
+
+def combined_recipe(sources: Sequence[str | Path], *, name: str | None = None) -> Recipe:
+    """The joint recipe of ``sources`` (manifests or erasure folders), in the order given."""
+    if len(sources) < 2:
+        raise ManifestError("combine: give at least two manifests or erasure folders")
+    recipes = [_read(source) for source in sources]
+    datas = [to_data(recipe) for recipe in recipes]
+    first = datas[0]
+    for source, data in zip(sources[1:], datas[1:]):
+        for field in SHARED:
+            if _get(data, field) != _get(first, field):
+                raise ManifestError(
+                    f"{field}: {source} differs from {sources[0]}; combined erasures are solved in one run, so "
+                    f"{field} must be the same in every source"
+                )
+    targets = [c.target for recipe in recipes for c in recipe.concepts]
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
+    if repeated:
+        raise ManifestError(f"concepts: {repeated[0]!r} is erased by more than one source; keep it in one")
+    data = dict(first)
+    data["name"] = name or "_".join(recipe.name or Path(str(src)).stem for recipe, src in zip(recipes, sources))[:96]
+    data["description"] = "Combined erasure of " + ", ".join(recipe.name or str(src) for recipe, src in zip(recipes, sources))
+    data["concepts"] = [to_data(c) for recipe in recipes for c in recipe.concepts]
+    data["prompts"] = {
+        **first["prompts"],
+        "templates": _union(prompt_templates(recipe) for recipe in recipes),
+        "kind": None,  # the bank templates are written out above
+    }
+    data["preserve"] = {
+        **first["preserve"],
+        "concepts": _union(d["preserve"]["concepts"] for d in datas),
+        "templates": None if all(d["preserve"]["templates"] is None for d in datas)
+        else _union(d["preserve"]["templates"] or prompt_templates(r) for d, r in zip(datas, recipes)),
+    }
+    data["evaluation"] = {
+        "heldout_templates": _union(d["evaluation"]["heldout_templates"] for d in datas),
+        "heldout_prompts": [p for d in datas for p in d["evaluation"]["heldout_prompts"]],
+        "preserve_prompts": _union(d["evaluation"]["preserve_prompts"] for d in datas),
+    }
+    data["sources"] = [
+        {"name": recipe.name, "ref": str(src), "recipe_sha256": recipe_sha256(recipe)}
+        for recipe, src in zip(recipes, sources)
+    ]
+    return Recipe.model_validate(data)
+
+
+def combine(
+    sources: Sequence[str | Path],
+    out: str | Path,
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress=None,
+    command: list[str] | None = None,
+) -> Path:
+    """Solve the joint recipe of ``sources`` and write its erasure folder; returns the folder."""
+    from .erase import erase
+
+    recipe = combined_recipe(sources, name=name)
+    return erase(recipe, out, overwrite=overwrite, device=device, progress=progress, command=command)
