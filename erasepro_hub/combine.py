@@ -9,6 +9,10 @@ jointly, so every concept's constraints hold at once (within capacity; the per-s
 reported like any erasure's). The combined manifest records its sources (name, where it was read
 from, recipe hash) in ``sources``.
 
+Every concept is solved in every source's templates (the union, bank templates included), so the
+joint erasure constrains each concept on at least the prompts its own recipe did. A concept one source
+erases and another keeps in place is erased (with a warning) and left out of the preserve lists.
+
 Settings that decide how the solve runs must agree across the sources (base model, method, solver,
 text encoder, UCE and adapter settings, preservation mode and weights, misspelling settings); a
 difference is refused naming the field and the source.
@@ -16,10 +20,13 @@ difference is refused naming the field and the source.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ManifestError
+from pydantic import ValidationError
+
+from .errors import ManifestError, warn
 from .layout import MANIFEST_FILE
 from .manifest import Recipe, load_manifest, recipe_sha256, to_data
 from .recipe import prompt_templates
@@ -74,8 +81,17 @@ def combined_recipe(sources: Sequence[str | Path], *, name: str | None = None) -
     repeated = sorted({t for t in targets if targets.count(t) > 1})
     if repeated:
         raise ManifestError(f"concepts: {repeated[0]!r} is erased by more than one source; keep it in one")
+    erased = {t.casefold() for t in targets}
+    kept = [(src, text) for src, d in zip(sources, datas) for text in d["preserve"]["concepts"] + d["evaluation"]["preserve_prompts"]]
+    dropped = sorted({text for _, text in kept if text.casefold() in erased})
+    if dropped:
+        warn(
+            f"combine: {', '.join(map(repr, dropped))} is kept in place by one source and erased by another; "
+            "it is erased, and left out of the combined preserve concepts and prompts"
+        )
     data = dict(first)
-    data["name"] = name or "_".join(recipe.name or Path(str(src)).stem for recipe, src in zip(recipes, sources))[:96]
+    stems = (re.sub(r"[^A-Za-z0-9._-]+", "_", recipe.name or Path(str(src)).stem) for recipe, src in zip(recipes, sources))
+    data["name"] = name or "_".join(stems).strip("._-")[:96]
     data["description"] = "Combined erasure of " + ", ".join(recipe.name or str(src) for recipe, src in zip(recipes, sources))
     data["concepts"] = [to_data(c) for recipe in recipes for c in recipe.concepts]
     data["prompts"] = {
@@ -85,20 +101,25 @@ def combined_recipe(sources: Sequence[str | Path], *, name: str | None = None) -
     }
     data["preserve"] = {
         **first["preserve"],
-        "concepts": _union(d["preserve"]["concepts"] for d in datas),
+        "concepts": [c for c in _union(d["preserve"]["concepts"] for d in datas) if c.casefold() not in erased],
         "templates": None if all(d["preserve"]["templates"] is None for d in datas)
         else _union(d["preserve"]["templates"] or prompt_templates(r) for d, r in zip(datas, recipes)),
     }
     data["evaluation"] = {
         "heldout_templates": _union(d["evaluation"]["heldout_templates"] for d in datas),
         "heldout_prompts": [p for d in datas for p in d["evaluation"]["heldout_prompts"]],
-        "preserve_prompts": _union(d["evaluation"]["preserve_prompts"] for d in datas),
+        "preserve_prompts": [
+            p for p in _union(d["evaluation"]["preserve_prompts"] for d in datas) if p.casefold() not in erased
+        ],
     }
     data["sources"] = [
         {"name": recipe.name, "ref": str(src), "recipe_sha256": recipe_sha256(recipe)}
         for recipe, src in zip(recipes, sources)
     ]
-    return Recipe.model_validate(data)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(f"combine: the joint recipe is not valid: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
 
 
 def combine(

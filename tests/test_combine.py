@@ -76,3 +76,21 @@ def test_combine_erases_every_concept_jointly(tmp_path, capsys):
         residuals = [_residual_of(out, concept, edited, original) for concept in (0, 1)]
     assert max(residuals) <= 1e-5, residuals
     assert load_manifest(out / "erasepro.yaml").sources[0].name == "demo-van-gogh"
+
+
+def test_a_concept_one_source_preserves_and_another_erases_is_erased(tmp_path):
+    other = second_manifest(tmp_path)
+    data = yaml.safe_load(other.read_text())
+    data["preserve"]["concepts"] = ["Vincent van Gogh", "a photo of a cat"]
+    other.write_text(yaml.safe_dump(data))
+    with pytest.warns(UserWarning, match="Vincent van Gogh"):
+        recipe = combined_recipe([DEMO, other])  # the demo preserves Claude Monet; the other erases him
+    assert "Claude Monet" not in recipe.preserve.concepts and "Vincent van Gogh" not in recipe.preserve.concepts
+
+
+def test_unnamed_sources_give_a_valid_name(tmp_path):
+    data = yaml.safe_load(second_manifest(tmp_path).read_text())
+    del data["name"]
+    path = tmp_path / "no name here.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert combined_recipe([DEMO, path]).name == "demo-van-gogh_no_name_here"

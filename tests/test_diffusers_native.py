@@ -102,3 +102,53 @@ def test_the_old_names_still_work_and_warn(demo_folder):
         assert unload_adapter(pipe) == 1
     assert sum(issubclass(w.category, FutureWarning) and str(w.message).startswith("erasepro_hub.load_adapter is renamed") for w in caught) == 1
     assert sum(issubclass(w.category, FutureWarning) and str(w.message).startswith("erasepro_hub.unload_adapter is renamed") for w in caught) == 1
+
+
+def test_remove_undoes_a_fuse_the_user_made(demo_folder):
+    pipe = fresh()
+    base = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
+    handle = load_erasure(pipe, demo_folder)
+    pipe.fuse_lora()  # the user's own diffusers habit
+    handle.remove()
+    assert pipe.get_list_adapters() == {}
+    assert all(torch.equal(p, base[n]) for n, p in pipe.text_encoder.named_parameters())
+
+
+def test_an_erasure_fused_then_unloaded_still_counts_as_applied(demo_folder):
+    from erasepro_hub.errors import BaseMismatchError
+
+    pipe = fresh()
+    handle = load_erasure(pipe, demo_folder)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the update now lives in the weights
+    assert handle.active
+    with pytest.raises(BaseMismatchError, match="already carries the erasure"):
+        load_erasure(pipe, demo_folder, verify_base=False)
+    handle.remove()
+    load_erasure(pipe, demo_folder).remove()
+
+
+def test_a_load_that_fails_half_way_leaves_nothing(demo_folder, monkeypatch):
+    pipe = fresh()
+    base = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
+    real = pipe.load_lora_weights
+
+    def fails_after_loading(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("simulated failure after part of the load")
+
+    monkeypatch.setattr(pipe, "load_lora_weights", fails_after_loading)
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_erasure(pipe, demo_folder)
+    assert pipe.get_list_adapters() == {}
+    assert all(torch.equal(p, base[n]) for n, p in pipe.text_encoder.named_parameters())
+    monkeypatch.undo()
+    load_erasure(pipe, demo_folder).remove()  # nothing half-loaded blocks the next load
+
+
+@pytest.mark.parametrize("name", ["a.b", "forward", "update", "1abc", ""])
+def test_adapter_names_peft_cannot_hold_are_refused_before_loading(demo_folder, name):
+    pipe = fresh()
+    with pytest.raises(ValueError, match="adapter_name"):
+        load_erasure(pipe, demo_folder, adapter_name=name)
+    assert pipe.get_list_adapters() == {}

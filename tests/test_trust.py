@@ -38,6 +38,14 @@ def as_alice(monkeypatch):
 
 
 @pytest.fixture
+def no_backoff(monkeypatch):
+    """The client retries 5xx with waits; tests do not need to wait."""
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
+
+
+@pytest.fixture
 def own_cache(monkeypatch, tmp_path):
     """A Hub cache of this test's own (so that what it deletes or keeps is its own)."""
     import huggingface_hub.constants as constants
@@ -251,3 +259,19 @@ def test_programming_errors_are_not_reported_as_connection_failures():
     with pytest.raises(HubError, match="connection to the Hub failed"):
         with hub_errors("commit", "alice/x"):
             raise ConnectionResetError("peer reset")
+
+
+def test_a_connection_failure_never_drops_a_good_cached_commit(demo_folder, tmp_path, as_alice, own_cache, hub, monkeypatch, no_backoff):
+    repo_id = repo()
+    good = push(copy(demo_folder, tmp_path), repo_id).commit
+    pull(f"{repo_id}@{good}", tmp_path / "a")
+    hub.faults.add("tree", "500", match=None)
+    try:
+        with pytest.raises(HubError, match="run the same command again"):
+            pull(f"{repo_id}@{good}", tmp_path / "b")
+    finally:
+        hub.faults.clear()
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert pull(f"{repo_id}@{good}", tmp_path / "c").commit == good  # still whole in the cache

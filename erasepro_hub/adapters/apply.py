@@ -98,19 +98,33 @@ class AppliedErasure:
         """Still applied: not removed here, and (diffusers backend) still in the pipeline's adapter registry."""
         if self._removed:
             return False
-        if self.backend == "diffusers":
-            return self.adapter_name in _adapter_names(self.target)
+        if self.backend == "diffusers" and self.adapter_name not in _adapter_names(self.target):
+            # unloaded by diffusers; still applied if it was fused into the weights before that
+            return any(not torch.equal(_linear(self.modules[k]).weight, w) for k, w in self._originals.items())
         return True
 
+    def _merged(self) -> bool:
+        for key in self.modules:
+            component, path = split_key(key)
+            try:
+                wrapper = get_module(getattr(self.target, component), path)
+            except (KeyError, AttributeError):
+                continue
+            if self.adapter_name in (getattr(wrapper, "merged_adapters", None) or []):
+                return True
+        return False
+
     def remove(self) -> None:
-        """Undo: unfuse and delete the diffusers adapter, or remove the hooks; fused weights restored bit for bit.
+        """Undo: unfuse and delete the diffusers adapter, or remove the hooks; the sites' weights are put back
+        bit for bit (also when the erasure was fused — by ``fuse=True`` or ``pipe.fuse_lora()`` — and then
+        unloaded). A LoRA fused into the same modules after this erasure is undone with it.
 
         Idempotent; also safe after ``pipe.unload_lora_weights()`` removed the adapter already.
         """
         if self._removed:
             return
         if self.backend == "diffusers" and self.adapter_name in _adapter_names(self.target):
-            if self.fused:
+            if self._merged():  # fused by load_erasure(fuse=True) or by the user's pipe.fuse_lora()
                 self.target.unfuse_lora()
             self.target.delete_adapters(self.adapter_name)
             if not _adapter_names(self.target):  # the last adapter: give the modules back their plain form
@@ -223,10 +237,18 @@ def _register(target: Any, applied: AppliedErasure) -> None:
         pass
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def valid_adapter_name(name: str) -> bool:
+    """A name PEFT can hold: no dots, and not an attribute its ``ModuleDict`` containers already have."""
+    return bool(_ADAPTER_NAME.fullmatch(name)) and not hasattr(nn.ModuleDict(), name)
+
+
 def adapter_name_for(folder: ErasureFolder) -> str:
-    """A diffusers adapter name from the erasure's name (PEFT names cannot hold dots)."""
-    name = folder.manifest.name or folder.path.name or "erasure"
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "erasure"
+    """A diffusers adapter name from the erasure's name (prefixed where the name itself is not one PEFT takes)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", folder.manifest.name or folder.path.name or "erasure").strip("_")[:56]
+    return name if valid_adapter_name(name) else f"erasure_{name}"
 
 
 def _diffusers_can_load(pipe: Any, folder: ErasureFolder) -> bool:
@@ -241,9 +263,11 @@ def _load_with_diffusers(pipe: Any, folder: ErasureFolder, modules: dict[str, nn
     assert folder.manifest.outputs is not None
     if name in _adapter_names(pipe):
         raise BaseMismatchError(f"the pipeline already has an adapter named {name!r}; pass another adapter_name")
-    pipe.load_lora_weights(str(folder.path), weight_name=folder.manifest.outputs.adapter_file, adapter_name=name)
     applied = AppliedErasure(pipe, dict(modules), dict(folder.adapter.deltas), False, source, "diffusers", name)
+    # the weights as they are now: remove() puts them back whatever was fused in between (by us or the user)
+    applied._originals = {key: _linear(m).weight.detach().clone() for key, m in modules.items()}
     try:
+        pipe.load_lora_weights(str(folder.path), weight_name=folder.manifest.outputs.adapter_file, adapter_name=name)
         for key in folder.adapter.deltas:
             component, path = split_key(key)
             wrapper = get_module(getattr(pipe, component), path)
@@ -255,7 +279,6 @@ def _load_with_diffusers(pipe: Any, folder: ErasureFolder, modules: dict[str, nn
                     "this diffusers version cannot apply the erasure exactly"
                 )
         if fuse:
-            applied._originals = {key: _linear(m).weight.detach().clone() for key, m in modules.items()}
             pipe.fuse_lora(adapter_names=[name], lora_scale=1.0)
             applied.fused = True
     except BaseException:
@@ -315,6 +338,11 @@ def load_erasure(
         checked = {key: (modules[key] if key in modules else resolve_site(pipe, key)).weight for key in recorded}
         check_fingerprints(checked, recorded, base)
     source = source or str(path)
+    if adapter_name is not None and not valid_adapter_name(adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: use letters, digits, '_' and '-' (no dots, at most 64, not starting with a "
+            "digit) and not a name torch modules already use (such as 'forward' or 'update')"
+        )
     if _diffusers_can_load(pipe, folder):
         return _load_with_diffusers(pipe, folder, modules, adapter_name or adapter_name_for(folder), fuse, source)
     if adapter_name is not None:

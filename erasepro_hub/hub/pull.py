@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapters.folder import open_folder, safe_relative
-from ..errors import AdapterFormatError, EraseProError, VerificationError
+from ..errors import AdapterFormatError, ManifestError, UnsafePathError, VerificationError
 from ..fsutil import atomic_folder, check_output
 from ..layout import CARD_FILE, MANIFEST_FILE, PLOT_FILE
 from ..manifest import Manifest, load_manifest
@@ -114,7 +114,8 @@ def fetch_verified(repo_id: str, revision: str | None = None, *, token: str | No
             with hub_errors("download", repo_id):
                 hf_hub_download(repo_id, name, revision=commit, token=token)
         open_folder(snapshot)
-    except EraseProError:
+    except (VerificationError, AdapterFormatError, ManifestError, UnsafePathError):
+        # the content failed its checks; a connection failure (HubError) leaves the cache as it is
         _drop_snapshot(snapshot)
         raise
     return snapshot, commit
