@@ -180,11 +180,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters.folder import check_files, open_folder
     from .errors import AdapterFormatError, VerificationError
-    from .layout import MANIFEST_FILE
     from .manifest import load_manifest
 
     folder = Path(args.folder)
-    manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)
+    manifest = load_manifest(folder)  # a manifest file, or the folder holding one
     integrity, problem = "ok", None
     try:
         if folder.is_dir():

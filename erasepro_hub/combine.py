@@ -27,7 +27,6 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from .errors import ManifestError, warn
-from .layout import MANIFEST_FILE
 from .manifest import Recipe, load_manifest, recipe_sha256, to_data
 from .recipe import prompt_templates
 
@@ -48,11 +47,6 @@ SHARED = (
 )
 
 
-def _read(source: str | Path) -> Recipe:
-    path = Path(source)
-    return load_manifest(path / MANIFEST_FILE if path.is_dir() else path).recipe()
-
-
 def _get(data: dict, dotted: str):
     for part in dotted.split("."):
         data = data[part]
@@ -67,7 +61,7 @@ def combined_recipe(sources: Sequence[str | Path], *, name: str | None = None) -
     """The joint recipe of ``sources`` (manifests or erasure folders), in the order given."""
     if len(sources) < 2:
         raise ManifestError("combine: give at least two manifests or erasure folders")
-    recipes = [_read(source) for source in sources]
+    recipes = [load_manifest(source).recipe() for source in sources]  # a manifest file or an erasure folder
     datas = [to_data(recipe) for recipe in recipes]
     first = datas[0]
     for source, data in zip(sources[1:], datas[1:]):

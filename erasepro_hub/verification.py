@@ -13,7 +13,6 @@ from .adapters.folder import open_folder
 from .erase import compute, compute_metrics
 from .errors import BaseMismatchError, VerificationError
 from .fsutil import check_output
-from .layout import MANIFEST_FILE
 from .manifest import load_manifest
 from .output import write_folder
 from .solver import LowRankDelta
@@ -92,7 +91,7 @@ def regenerate(
     Returns the new folder (default: ``<folder>-regenerated`` beside it).
     """
     folder = _local(folder)
-    manifest = load_manifest(folder / MANIFEST_FILE if folder.is_dir() else folder)
+    manifest = load_manifest(folder)  # a manifest file, or the folder holding one
     out = Path(out) if out is not None else folder.with_name(folder.name + "-regenerated")
     check_output(out, overwrite=overwrite)
     comp = compute(manifest.recipe(), device=device, progress=progress)

@@ -103,3 +103,18 @@ def erase_variant(tmp_path_factory):
 def hub() -> HubServer:
     """The local Hub (shared by the session; tests use their own repository names)."""
     return HUB
+
+
+@pytest.fixture
+def as_alice(monkeypatch):
+    """Calls to the test Hub carry the token of the built-in user alice."""
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    return TOKENS["alice"]
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """The client retries 5xx and network errors with 1–8 s waits; tests do not need to wait."""
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)

@@ -32,12 +32,6 @@ def repo() -> str:
 
 
 @pytest.fixture
-def as_alice(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
-    return TOKENS["alice"]
-
-
-@pytest.fixture
 def quick_pipelines(monkeypatch):
     """Pipelines called by a snippet run two denoising steps (CPU time); every call is recorded."""
     from diffusers import StableDiffusionPipeline

@@ -28,20 +28,6 @@ def repo(user: str = "alice") -> str:
     return f"{user}/erasure-{next(_names)}"
 
 
-@pytest.fixture
-def as_alice(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
-    return TOKENS["alice"]
-
-
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """The client retries 5xx and network errors with 1–8 s waits; tests do not need to wait."""
-    import huggingface_hub.utils._http as http
-
-    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def contract(hub):
     """Every request the client made during this module hit a route the server knows."""

@@ -514,13 +514,6 @@ def pushed(demo_folder, tmp_path_factory):
         os.environ.pop("HF_TOKEN") if old is None else os.environ.__setitem__("HF_TOKEN", old)
 
 
-@pytest.fixture
-def no_backoff(monkeypatch):
-    import huggingface_hub.utils._http as http
-
-    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
-
-
 @pytest.mark.parametrize(
     "step, kind",
     # the routes a pull by tag calls, in order: resolve the tag, list the tree, HEAD/GET each file, the blob

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import TOKENS
 from helpers import forge, read_tensors
 from erasepro_hub import load_erasure, unload_erasure
 from erasepro_hub.api import push
@@ -30,19 +29,6 @@ ADAPTER = "pytorch_lora_weights.safetensors"
 
 def repo() -> str:
     return f"alice/trust-{next(_names)}"
-
-
-@pytest.fixture
-def as_alice(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
-
-
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """The client retries 5xx with waits; tests do not need to wait."""
-    import huggingface_hub.utils._http as http
-
-    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
 
 
 @pytest.fixture

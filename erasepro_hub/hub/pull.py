@@ -127,8 +127,7 @@ def pull(ref: str, out: str | Path | None = None, *, overwrite: bool = False, to
     out = Path(out) if out is not None else Path(repo_id.split("/")[1])
     check_output(out, overwrite=overwrite)
     snapshot, commit = fetch_verified(repo_id, revision, token=token)
-    opened = open_folder(snapshot)
-    required, optional = release_files(opened.manifest)
+    required, optional = release_files(load_manifest(snapshot / MANIFEST_FILE))  # checked by fetch_verified
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for name in required + optional:
             source = snapshot / name

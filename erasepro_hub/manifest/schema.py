@@ -46,6 +46,15 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+def _sha256_check(value: str) -> str:
+    if not SHA256_RE.match(value):
+        raise ValueError("must be a lower-case hex sha256")
+    return value
+
+
+Sha256 = Annotated[str, AfterValidator(_sha256_check)]
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: ``.inf`` and ``.nan`` are refused in every float field
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
@@ -290,14 +299,7 @@ class Source(_Strict):
 
     name: str | None = None
     ref: str = Field(max_length=MAX_MODEL_ID)  # the path or Hub reference it was read from
-    recipe_sha256: str
-
-    @field_validator("recipe_sha256")
-    @classmethod
-    def _sha(cls, value: str) -> str:
-        if not SHA256_RE.match(value):
-            raise ValueError("must be a lower-case hex sha256")
-        return value
+    recipe_sha256: Sha256
 
 
 class Recipe(_Strict):
@@ -359,20 +361,13 @@ class SiteRecord(_Strict):
 class Outputs(_Strict):
     """Written by ``erase``: what was produced and how to check it."""
 
-    recipe_sha256: str
+    recipe_sha256: Sha256
     family: Literal["sd1", "sd2", "sdxl", "bert"]
     base_license: str | None = None
     adapter_file: str
     files: dict[str, str]
     base_fingerprints: dict[str, dict[str, str]]
     sites: list[SiteRecord]
-
-    @field_validator("recipe_sha256")
-    @classmethod
-    def _sha(cls, value: str) -> str:
-        if not SHA256_RE.match(value):
-            raise ValueError("must be a lower-case hex sha256")
-        return value
 
 
 class Provenance(_Strict):
