@@ -39,7 +39,7 @@ clean:
 	rm -rf $(VENV) erasures .pytest_cache
 
 # The method comparison of docs/method-comparison/ (needs the optional MiniLM text encoder).
-COMPARE_VARIANTS := --methods none,uce,erasepro-kv,erasepro \
+COMPARE_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro-kv,erasepro \
 	--variant surplus-anchor-first:solver.surplus=anchor-first \
 	--variant surplus-before-concept:solver.surplus=before-concept \
 	--variant surplus-window-end:solver.surplus=window-end \
@@ -59,13 +59,13 @@ COMPARE_VARIANTS := --methods none,uce,erasepro-kv,erasepro \
 	--variant own-templates:prompts.kind=null \
 	--variant bank-only:prompts.templates=[] \
 	--variant bank-size-10:prompts.bank_size=10 \
-	--variant uce-eos:method=uce,solver.token_policy=eos
+	--variant uce-eos:method=uce,uce.tokens=erasepro,solver.token_policy=eos
 
 compare-minilm: $(STAMP)
 	$(BIN)/erasepro compare manifests/minilm/*.yaml $(COMPARE_VARIANTS) --out docs/method-comparison
 
 # The same checks on the eleven concepts of manifests/minilm-validation/ (docs/defaults.md).
-VALIDATION_VARIANTS := --methods none,uce,erasepro \
+VALIDATION_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro \
 	--variant surplus-window-end:solver.surplus=window-end --variant surplus-none:solver.surplus=none \
 	--variant concept-suffix:solver.token_policy=concept-suffix \
 	--variant first-layer-0:text_encoder.first_layer=0 --variant first-layer-2:text_encoder.first_layer=2 \

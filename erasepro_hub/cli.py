@@ -184,13 +184,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     manifest = load_manifest(folder)  # a manifest file, or the folder holding one
-    integrity, problem = "ok", None
+    integrity, problem, adapter = "ok", None, None
     try:
         if folder.is_dir():
             check_files(folder, manifest)
-            open_folder(folder)
+            adapter = open_folder(folder).adapter
     except (VerificationError, AdapterFormatError) as exc:  # a damaged adapter is a failed integrity check too
         integrity, problem = "FAILED", str(exc)
+    # the factors' bytes, and those of the same sites' dense m × d updates in the adapter's dtype
+    adapter_bytes = adapter.stored_bytes if adapter is not None else None
+    dense_bytes = adapter.dense_bytes if adapter is not None else None
     outputs = manifest.outputs
     sites = outputs.sites if outputs else []
     summary = {
@@ -205,6 +208,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "text_encoder_sites": sum(1 for s in sites if s.update_rank and not s.name.startswith("unet.")),
         "total_rank": sum(s.update_rank for s in sites),
         "max_site_residual": max((s.residual for s in sites), default=None),
+        "adapter_bytes": adapter_bytes,
+        "dense_bytes": dense_bytes,
+        "adapter_over_dense": adapter_bytes / dense_bytes if dense_bytes else None,
         "files": dict(outputs.files) if outputs else {},
         "metrics": {k: v for k, v in (manifest.metrics or {}).items() if not isinstance(v, dict)},
         "integrity": integrity,
@@ -223,6 +229,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for c in manifest.concepts:
             print(f"concept      {c.target!r} → {c.anchor!r}")
         print(f"sites        {summary['sites']} ({summary['text_encoder_sites']} text-encoder), total rank {summary['total_rank']}")
+        if dense_bytes:
+            print(
+                f"adapter      {adapter_bytes / 1e6:.3g} MB = {100 * summary['adapter_over_dense']:.1f} % of the dense "
+                f"update ({dense_bytes / 1e6:.3g} MB)"
+            )
         for name, sha in summary["files"].items():
             print(f"file         {name}  sha256 {sha[:16]}…")
         for key, value in summary["metrics"].items():
@@ -327,12 +338,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .evaluation import compare, markdown_table, parse_variant, write_comparison
+    from .evaluation import DEFAULT_VARIANTS, compare, markdown_table, parse_variant, write_comparison
 
     variants = [parse_variant(m) for m in (args.methods.split(",") if args.methods else [])]
     variants += [parse_variant(v) for v in args.variant or []]
     if not variants:
-        variants = [parse_variant(m) for m in ("uce", "erasepro-kv", "erasepro")]
+        variants = [parse_variant(m) for m in DEFAULT_VARIANTS]
     with _StageBar("compare", total=len(args.manifests) * len(variants), unit="variant") as bar:
         rows = compare(args.manifests, variants, prompts=args.prompts, device=args.device, progress=bar)
     if args.out:
@@ -430,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run methods and setting variants on the same prompts, side by side")
     p.add_argument("manifests", nargs="+", help="one or more manifests (one table section each)")
-    p.add_argument("--methods", help="comma-separated methods, e.g. uce,erasepro-kv,erasepro (the default)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated methods, e.g. uce,erasepro-kv,erasepro; uce-erasepro-tokens is UCE on ErasePro's tokens "
+        "(default: uce,uce-erasepro-tokens,erasepro-kv,erasepro)",
+    )
     p.add_argument("--variant", action="append", help="a named variant: NAME:key=value[,key=value] (dotted manifest keys)")
     p.add_argument("--prompts", help="extra held-out/preserve prompts, as for eval")
     p.add_argument("--out", help="write compare.md and compare.json into this folder")

@@ -96,6 +96,7 @@ def compute_metrics(comp: Computation) -> dict:
         surplus=recipe.solver.surplus,
         heldout=heldout_pairs(recipe),
         preserve=drift_prompts(recipe),
+        known=comp.solution.original_embeddings,
     )
     metrics["method"] = recipe.method
     metrics["n_prompt_pairs"] = comp.solution.n_pairs

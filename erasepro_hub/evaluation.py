@@ -192,6 +192,11 @@ def _save_grid(path: Path, top: Sequence, bottom: Sequence) -> None:
 # ----------------------------------------------------------------------------- compare
 #: The reference row of a comparison: no edit at all (what the residuals are before erasure).
 NO_EDIT = "none"
+#: Named variants that are not a method of their own: UCE on ErasePro's tokens (``solver.token_policy``) instead
+#: of the published last token of each prompt (``uce`` itself).
+NAMED_VARIANTS = {"uce-erasepro-tokens": {"method": "uce", "uce.tokens": "erasepro"}}
+#: What ``erasepro compare`` runs when given no methods or variants.
+DEFAULT_VARIANTS = ("uce", "uce-erasepro-tokens", "erasepro-kv", "erasepro")
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def parse_variant(spec: str) -> Variant:
     if name == NO_EDIT:
         return Variant(NO_EDIT)
     if not sep:
-        return Variant(name, {"method": name})
+        return Variant(name, dict(NAMED_VARIANTS.get(name, {"method": name})))
     overrides = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")

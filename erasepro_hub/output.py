@@ -13,7 +13,14 @@ import torch
 from . import __version__
 from .adapters.fingerprint import weight_fingerprints
 from .adapters.folder import manifest_sha256
-from .adapters.lora import ADAPTER_FILE, HEADER_MANIFEST, file_sha256, save_adapter, write_safetensors
+from .adapters.lora import (
+    ADAPTER_FILE,
+    HEADER_MANIFEST,
+    file_sha256,
+    save_adapter,
+    update_ranks,
+    write_safetensors,
+)
 from .cards import write_card
 from .computation import Computation
 from .fsutil import atomic_folder
@@ -25,6 +32,11 @@ LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "pydantic", "h
 
 
 def _site_records(comp: Computation) -> list[SiteRecord]:
+    """One record per solved site; ``update_rank`` is the rank the adapter stores (not the solver's column count)."""
+    from .models.loading import DTYPES
+
+    adapter = comp.recipe.adapter
+    ranks = update_ranks(comp.solution.deltas, comp.stored, adapter.format, DTYPES[adapter.dtype])
     records = []
     norms = {}
     for site in comp.solution.sites:
@@ -37,7 +49,7 @@ def _site_records(comp: Computation) -> list[SiteRecord]:
                 stage=site.stage,
                 shape=list(site.delta.shape),
                 constraint_rank=r.constraint_rank,
-                update_rank=r.update_rank,
+                update_rank=ranks[site.key],
                 n_constraints=r.n_constraints,
                 residual=r.residual,
                 preserve_residual=r.preserve_residual,
@@ -116,6 +128,7 @@ def write_folder(
             fmt=recipe.adapter.format,
             dtype=DTYPES[recipe.adapter.dtype],
             manifest_sha256=manifest_sha256(manifest),
+            as_stored=True,
         )
         manifest = _with_files(manifest, {ADAPTER_FILE: adapter_sha, METRICS_FILE: metrics_sha})
         (tmp / MANIFEST_FILE).write_text(dump_yaml(manifest), encoding="utf-8")

@@ -39,7 +39,7 @@ def test_round_trip_and_key_forms(tmp_path):
     assert adapter.metadata[HEADER_RECIPE] == SHA
     for key, delta in deltas().items():
         got = adapter.deltas[key]
-        assert got.dtype == torch.float32
+        assert got.dtype == torch.float32 and got.rank == delta.rank  # full-rank factors keep every column
         err = (got.dense() - delta.dense()).abs().max() / delta.dense().abs().max()
         assert err <= 1e-6  # LoRA reconstruction of float32 factors
     from safetensors import safe_open

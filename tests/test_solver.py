@@ -329,3 +329,30 @@ def test_compact_keeps_the_update_and_caps_its_width():
     assert torch.allclose(small.dense(), wide.dense(), rtol=0, atol=1e-12 * float(wide.dense().abs().max()))
     narrow = LowRankDelta(torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(2, 9, generator=g, dtype=torch.float64))
     assert narrow.compact() is narrow
+
+
+@pytest.mark.parametrize("mode", ["none", "soft", "exact"])
+def test_many_soft_targets_on_one_site_give_the_same_update(problem, mode):
+    """As many soft columns as half the input width: the one-site (dense) form of the soft part gives the
+    factor form's update and the KKT solution, exact on X."""
+    W, X, T = problem
+    g = torch.Generator().manual_seed(4)
+    d = W.shape[1]
+    P = torch.randn(d, 6, generator=g, dtype=torch.float64)
+    V = torch.randn(d, d // 2 + 3, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], V.shape[1], generator=g, dtype=torch.float64)
+    lam, wp = 0.2, 0.3
+    kwargs = dict(preserve=P, preserve_mode=mode, preserve_weight=wp, soft_targets=V, soft_target_weight=lam)
+    dense = factorize_zero_residual(X, one_site=True, **kwargs)
+    assert dense.soft_targets.A is None  # the dense form was taken
+    factored = factorize_zero_residual(X, **kwargs)
+    assert factored.soft_targets.A is not None
+    one, other = solve(dense, W, T, T_soft=T_soft), solve(factored, W, T, T_soft=T_soft)
+    assert rel(one.delta.dense(), other.delta.dense()) <= 1e-9
+    assert rel((W + one.delta.dense()) @ X, T) <= 1e-10 and one.report.residual <= 1e-10
+    assert abs(one.report.delta_norm - other.report.delta_norm) <= 1e-9 * other.report.delta_norm
+    if mode == "exact":
+        assert one.report.preserve_residual <= 1e-10
+    metric = torch.eye(d, dtype=torch.float64) + lam * V @ V.T + (wp * P @ P.T if mode == "soft" else 0)
+    expected = _kkt(W, X, T, metric=metric, lam=lam, V=V, T_soft=T_soft, exact_P=P if mode == "exact" else None)
+    assert rel(one.delta.dense(), expected) <= 1e-9

@@ -26,7 +26,7 @@ def weight_fingerprint(tensor: torch.Tensor) -> str:
     """sha256 of ``dtype | shape | bytes`` of a tensor (on any device)."""
     t = tensor.detach().to("cpu").contiguous()
     digest = hashlib.sha256(f"{dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
     return digest.hexdigest()
 
 

@@ -20,8 +20,16 @@ No ``lora_adapter_metadata`` and no alphas are written, so diffusers reads each
 module's rank from its ``lora_B`` and uses scale 1.0 everywhere: ``W' = W + B A``
 exactly. The safetensors header carries the recipe hash of the manifest that
 made the file (``erasepro.recipe_sha256``), the tool version and the storage
-format. A *dense* delta is stored exactly as a LoRA too: ``B = I, A = ΔW`` when
-``out ≤ in``, else ``B = ΔW, A = I``.
+format.
+
+Each site is stored at the numerical rank of its update ``ΔW``, not at the
+solver's column count (:func:`stored_deltas`), with
+``max|B A − ΔW| ≤ 1e-6 · max|ΔW|`` in float32. A *dense* delta is stored
+exactly as a LoRA too: ``B = I, A = ΔW`` when ``out ≤ in``, else ``B = ΔW, A = I``.
+
+Why one module of this length: it is one file format, and what goes into the file (the stored deltas
+and their ranks), how it is written and how it is read back and checked share the key forms, the dtype
+codes and the layout; kept together, the writer and the reader cannot drift apart.
 """
 
 from __future__ import annotations
@@ -75,22 +83,62 @@ def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
 def stored_deltas(
     deltas: Mapping[str, LowRankDelta], fmt: str = "lora", dtype: torch.dtype = torch.float32
 ) -> dict[str, LowRankDelta]:
-    """The deltas exactly as an adapter file holds them: zero updates left out, the format and dtype applied."""
+    """The deltas exactly as an adapter file holds them: zero updates left out, the format and dtype applied.
+
+    ``lora``: each site at the numerical rank of its ``ΔW`` (:meth:`LowRankDelta.at_numerical_rank`), not
+    at the solver's column count, with ``max|B A − ΔW| ≤ 1e-6 · max|ΔW|`` checked after the cast to
+    float32 (float16/bfloat16 round by more than that on their own). ``dense``: :func:`dense_as_lora`.
+    """
     if fmt not in ("lora", "dense"):
         raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
-    return {
-        key: (dense_as_lora(delta) if fmt == "dense" else delta).to(dtype)
-        for key, delta in deltas.items()
-        if delta.rank
-    }
+    stored = {}
+    for key, delta in deltas.items():
+        if not delta.rank:
+            continue
+        if fmt == "dense":
+            dense = dense_as_lora(delta)
+            if torch.any(dense.A) and torch.any(dense.B):  # (the identity is never zero: ΔW is not)
+                stored[key] = dense.to(dtype)
+            continue
+        compact = delta.at_numerical_rank(dtype)
+        if compact.rank:  # a product that is exactly zero is the zero update too
+            stored[key] = compact.to(dtype)
+    return stored
+
+
+def update_ranks(
+    deltas: Mapping[str, LowRankDelta], stored: Mapping[str, LowRankDelta], fmt: str = "lora",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, int]:
+    """The rank of each site's stored update (the manifest's ``outputs.sites[*].update_rank``); 0: nothing stored.
+
+    ``stored`` is :func:`stored_deltas` of ``deltas``. For ``lora`` it is the rank the file holds; a
+    ``dense`` file holds every site at full width, so there it is the numerical rank the ``lora`` format
+    would store.
+    """
+    if fmt == "lora":
+        return {key: stored[key].rank if key in stored else 0 for key in deltas}
+    return {key: deltas[key].at_numerical_rank(dtype).rank if key in stored else 0 for key in deltas}
 
 
 def to_state_dict(
-    deltas: Mapping[str, LowRankDelta], *, fmt: str = "lora", dtype: torch.dtype = torch.float32
+    deltas: Mapping[str, LowRankDelta], *, fmt: str = "lora", dtype: torch.dtype = torch.float32,
+    as_stored: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """LoRA tensors for every non-zero delta, keyed by ``<site>.lora_{A,B}.weight``."""
+    """LoRA tensors for every non-zero delta, keyed by ``<site>.lora_{A,B}.weight``.
+
+    ``as_stored``: ``deltas`` already are :func:`stored_deltas` (in ``dtype``): written as they are, not
+    compressed and rounded a second time.
+    """
+    if as_stored:
+        wrong = next((key for key, delta in deltas.items() if delta.dtype != dtype), None)
+        if wrong is not None:
+            raise ValueError(f"{wrong} is stored as {deltas[wrong].dtype}, the adapter is {dtype}")
+        chosen = {key: delta for key, delta in deltas.items() if delta.rank}
+    else:
+        chosen = stored_deltas(deltas, fmt, dtype)
     state: dict[str, torch.Tensor] = {}
-    for key, stored in stored_deltas(deltas, fmt, dtype).items():
+    for key, stored in chosen.items():
         a_key, b_key = factor_keys(key)
         state[a_key] = stored.A.contiguous().cpu()
         state[b_key] = stored.B.contiguous().cpu()
@@ -146,9 +194,10 @@ def save_adapter(
     fmt: str = "lora",
     dtype: torch.dtype = torch.float32,
     manifest_sha256: str | None = None,
+    as_stored: bool = False,
 ) -> str:
-    """Write the adapter file; returns its sha256."""
-    state = to_state_dict(deltas, fmt=fmt, dtype=dtype)
+    """Write the adapter file; returns its sha256. ``as_stored``: as for :func:`to_state_dict`."""
+    state = to_state_dict(deltas, fmt=fmt, dtype=dtype, as_stored=as_stored)
     metadata = {"format": "pt", HEADER_RECIPE: recipe_sha256, HEADER_VERSION: version, HEADER_FORMAT: fmt}
     if manifest_sha256 is not None:
         metadata[HEADER_MANIFEST] = manifest_sha256
@@ -170,6 +219,16 @@ class AdapterFile:
     @property
     def manifest_sha256(self) -> str | None:
         return self.metadata.get(HEADER_MANIFEST)
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of the factors the file holds (both factors of every site; the header left out)."""
+        return sum(d.A.numel() * d.A.element_size() + d.B.numel() * d.B.element_size() for d in self.deltas.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        """The bytes of the same sites' dense updates ``m × d`` in the file's dtype."""
+        return sum(math.prod(d.shape) * d.A.element_size() for d in self.deltas.values())
 
 
 #: bytes per element of each safetensors dtype

@@ -285,6 +285,9 @@ class UCESettings(_Strict):
     lam: float = Field(default=0.5, gt=0)
     erase_scale: float = Field(default=1.0, ge=0)
     preserve_scale: float = Field(default=1.0, ge=0)
+    #: the tokens UCE edits: ``last-token`` (the published procedure: the last token of each prompt, one per
+    #: prompt, preserve prompts included) or ``erasepro`` (ErasePro's tokens: ``solver.token_policy``)
+    tokens: Literal["last-token", "erasepro"] = "last-token"
 
 
 class AdapterSettings(_Strict):

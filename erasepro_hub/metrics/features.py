@@ -94,12 +94,45 @@ def _encode(model: EditModel, prompts: Sequence[Prompt]) -> list[Encoded]:
     return [encode(te.tokenizer, prompts) for te in model.text_encoders]
 
 
-def _embeddings(model: EditModel, encoded: Sequence[Encoded], deltas: Mapping[str, LowRankDelta] | None = None):
-    """``(prompt embedding, pooled)`` through the original encoders, or the edited ones with ``deltas``."""
+def _embeddings(
+    model: EditModel, encoded: Sequence[Encoded], deltas: Mapping[str, LowRankDelta] | None = None, *, length: int | None = None
+):
+    """``(prompt embedding, pooled)`` through the original encoders, or the edited ones with ``deltas``.
+
+    ``length`` cuts the window after that many positions (only for causal encoders, where the positions before
+    the cut do not depend on what follows; see :func:`_causal_length`).
+    """
+    ids = [e.ids if length is None else e.ids[:, :length] for e in encoded]
     if not deltas:
-        return prompt_embeddings(model, [e.ids for e in encoded])
+        return prompt_embeddings(model, ids)
     with EditedEncoders(model, deltas):
-        return prompt_embeddings(model, [e.ids for e in encoded])
+        return prompt_embeddings(model, ids)
+
+
+def _causal_length(model: EditModel, *positions: torch.Tensor) -> int | None:
+    """The window length that still holds every position read, when every encoder is causal (else ``None``)."""
+    if not all(te.arch.causal for te in model.text_encoders):
+        return None
+    used = [int(p.max()) for p in positions if p.numel()]
+    return max(used) + 1 if used else None
+
+
+def _original_embeddings(
+    model: EditModel, encoded: Sequence[Encoded], texts: Sequence[str], known: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """The original prompt embeddings of ``texts``: the rows ``known`` holds (the solve's preserve pass, whole
+    window), the others computed."""
+    length = encoded[0].length
+    known = {t: row for t, row in (known or {}).items() if row.shape[0] == length}
+    missing = [i for i, text in enumerate(texts) if text not in known]
+    if not missing:
+        return torch.stack([known[text] for text in texts])
+    if len(missing) == len(texts):
+        return _embeddings(model, encoded)[0]
+    rows = torch.tensor(missing)
+    fresh, _ = prompt_embeddings(model, [e.ids[rows] for e in encoded])
+    computed = dict(zip(missing, fresh))
+    return torch.stack([computed[i] if i in computed else known[text] for i, text in enumerate(texts)])
 
 
 def _kv(weight: torch.Tensor, delta: LowRankDelta | None, x: torch.Tensor) -> torch.Tensor:
@@ -194,12 +227,19 @@ def measure_pairs(
     rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
     enc_t = _encode(model, [Prompt(p.target, p.prefix) for p in pairs])
     enc_a = _encode(model, [Prompt(t, prefix) for t, prefix in anchor_keys])
-    orig, orig_pooled = _embeddings(model, enc_a)
-    edit, edit_pooled = _embeddings(model, enc_t, deltas)
     causal = model.text_encoders[0].arch.causal
+    found = {
+        policy: pair_positions(policy, pairs, enc_t[0], enc_a[0], rows, causal=causal, surplus=surplus) for policy in policies
+    }
+    # without the pooled similarities, only the paired positions (and EOS, for the pooled embedding) are read
+    length = None
+    if not similarities:
+        ends = [torch.tensor(enc_t[0].eos), torch.tensor(enc_a[0].eos)]
+        length = _causal_length(model, *ends, *(p for f in found.values() for p in (f.t_pos, f.a_pos)))
+    orig, orig_pooled = _embeddings(model, enc_a, length=length)
+    edit, edit_pooled = _embeddings(model, enc_t, deltas, length=length)
     residuals = {}
-    for policy in policies:
-        positions = pair_positions(policy, pairs, enc_t[0], enc_a[0], rows, causal=causal, surplus=surplus)
+    for policy, positions in found.items():
         x = edit[positions.t_rows, positions.t_pos]
         y = orig[positions.a_rows, positions.a_pos]
         residuals[policy] = _site_residuals(model, deltas, x, y, {"all": torch.ones(len(x), dtype=torch.bool)})["all"]
@@ -229,20 +269,46 @@ class PromptMeasures:
 
 
 @torch.no_grad()
-def measure_prompts(model: EditModel, deltas: Mapping[str, LowRankDelta], prompts: Sequence[Prompt]) -> PromptMeasures:
+def measure_prompts(
+    model: EditModel,
+    deltas: Mapping[str, LowRankDelta],
+    prompts: Sequence[Prompt],
+    *,
+    known: Mapping[str, torch.Tensor] | None = None,
+) -> PromptMeasures:
     """K/V drift over every position — all prompts, those built from a template (preserve concepts) and the
-    others (unrelated) — and each prompt's pooled similarity after vs before the edit."""
+    others (unrelated) — and each prompt's pooled similarity after vs before the edit.
+
+    ``known`` maps a prompt's text to its original prompt embedding (``(L, D)``, the whole window) where the
+    caller already has it (the solve's preserve pass); the others are computed.
+    """
     enc = _encode(model, [Prompt(p.text, None) for p in prompts])
     rows, pos = single_positions("all", enc[0])
-    orig, _ = _embeddings(model, enc)
+    orig = _original_embeddings(model, enc, [p.text for p in prompts], known)
     edit, _ = _embeddings(model, enc, deltas)
     templated = torch.tensor([p.prefix is not None for p in prompts])
     per_row = templated[rows]
     groups = {"all": torch.ones_like(per_row), "concepts": per_row, "unrelated": ~per_row}
-    drift = _site_residuals(model, deltas, edit[rows, pos], orig[rows, pos], groups)
     mask = _own_mask(enc[0])
-    own, window = pooled_similarity(model, edit, deltas, orig, [(mask, mask), (None, None)])
-    return PromptMeasures(drift, own, window, templated)
+    # K and V of every position once per site: the drift reads them position by position, the similarity pooled
+    drift: dict[str, dict[str, float]] = {name: {} for name in groups}
+    own_sims, window_sims = [], []
+    for key, weight in model.kv_weights.items():
+        reference = _kv(weight, None, orig).double()
+        edited = _kv(weight, deltas.get(key), edit).double()
+        diff2 = (edited - reference)[rows, pos].square().sum(-1)
+        ref2 = reference[rows, pos].square().sum(-1)
+        for name, selected in groups.items():
+            if not bool(selected.any()):
+                drift[name][key] = float("nan")
+                continue
+            denom, num = float(ref2[selected].sum()), float(diff2[selected].sum())
+            drift[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
+        cosine = torch.nn.functional.cosine_similarity
+        own_sims.append(cosine(_pool(edited, mask), _pool(reference, mask), dim=-1))
+        window_sims.append(cosine(_pool(edited, None), _pool(reference, None), dim=-1))
+    own, window = torch.stack(own_sims).mean(0), torch.stack(window_sims).mean(0)
+    return PromptMeasures({name: SiteResiduals(v) for name, v in drift.items()}, own, window, templated)
 
 
 def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[str, float]:
@@ -271,8 +337,13 @@ def feature_metrics(
     surplus: str = DEFAULT_SURPLUS,
     heldout: Sequence[PromptPair] = (),
     preserve: Sequence[Prompt] = (),
+    known: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Every feature-level metric of one erasure, as JSON-ready data (``None`` where there are no prompts)."""
+    """Every feature-level metric of one erasure, as JSON-ready data (``None`` where there are no prompts).
+
+    ``known``: original prompt embeddings by prompt text that the caller already computed (see
+    :func:`measure_prompts`).
+    """
     train = measure_pairs(model, deltas, pairs, [token_policy], surplus=surplus, similarities=False)
     metrics: dict = {
         "anchor_similarity": None,
@@ -301,7 +372,7 @@ def feature_metrics(
     # preserve_drift, and the two kinds of prompts inside it: those built from preserve concepts (the
     # solver saw them under soft/exact preservation) and unrelated ones (it never did)
     if preserve:
-        kept = measure_prompts(model, deltas, preserve)
+        kept = measure_prompts(model, deltas, preserve, known=known)
         metrics.update(kept.drift["all"].summary("preserve_drift"))
         metrics["drift_preserve_concepts"] = kept.drift["concepts"].mean()
         metrics["drift_unrelated"] = kept.drift["unrelated"].mean()

@@ -76,7 +76,7 @@ def _module_fingerprint(module: torch.nn.Module) -> str:
     for name, tensor in state:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")  # the buffer itself: no copy
     _FINGERPRINTS[module] = (now, digest.hexdigest())
     return digest.hexdigest()
 

@@ -19,14 +19,16 @@ which recognises ``fc2`` modules only — a ``text_projection`` edit would not.
 Incremental propagation
 -----------------------
 The whole progressive text-encoder solve is *one* forward pass over the target
-(and preserve) prompts. A forward hook on each stage's site receives the site's
-input ``x`` for the whole batch, gathers the constrained columns ``X``, solves
-the stage, and returns ``y + ΔW x`` — so deeper layers already see the edited
-features, exactly as the adapter-loaded pipeline will compute them (``ΔW x`` is
-applied with the factors in the adapter's dtype, the way PEFT does). A second
-forward pass over the anchor prompts through the original model gives the
-targets ``T``. Cost: about one text-encoder pass for targets plus one for
-anchors, whatever the depth.
+prompts. A forward hook on each stage's site receives the site's input ``x`` for
+the whole batch, gathers the constrained columns ``X``, solves the stage, and
+returns ``y + ΔW x`` — so deeper layers already see the edited features, exactly
+as the adapter-loaded pipeline will compute them (``ΔW x`` is applied with the
+factors in the adapter's dtype, the way PEFT does). One pass over the anchor
+prompts through the original model gives the targets ``T``, and one over the
+preserve prompts the features preservation keeps (the original model's, as for
+the caption summary). In a causal encoder (CLIP) the target and anchor passes
+stop at the last position they read: a token's features depend only on the tokens
+before it. Cost: about one text-encoder pass per prompt set, whatever the depth.
 
 Why one module of this length: tokenising, staging, the anchor pass, the target pass and the
 final K/V stage all read the same ``_Tokens`` and ``_Stage`` records and must agree position for
@@ -73,7 +75,7 @@ class RecipeSettings(Protocol):
     preserve: Any  # mode, weight, caption_weight
     text_encoder: Any  # site, first_layer, depth, target_mode, pooled
     solver: Any  # token_policy, surplus, rank_rtol, ridge, residual_tol, strict
-    uce: Any  # lam, erase_scale, preserve_scale
+    uce: Any  # lam, erase_scale, preserve_scale, tokens
     adapter: Any  # dtype
 
 
@@ -103,6 +105,14 @@ class ErasurePlan:
         return self.recipe.method
 
     @property
+    def token_policy(self) -> str:
+        """The positions this method constrains: the recipe's ``solver.token_policy``, except that ``uce`` with
+        ``uce.tokens: last-token`` (the default) follows the published procedure, one token per prompt."""
+        if self.method == "uce" and self.recipe.uce.tokens == "last-token":
+            return "last-token"
+        return self.recipe.solver.token_policy
+
+    @property
     def factor_dtype(self) -> torch.dtype:
         """The adapter's dtype: ``ΔW x`` is applied with factors in it, as the loaded pipeline will."""
         return DTYPES[self.recipe.adapter.dtype]
@@ -126,6 +136,9 @@ class ErasureSolution:
     n_constrained_tokens: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: the original prompt embedding (``(L, D)``, whole window) of each preserve prompt, by text, when the solve
+    #: read the whole window (the metrics reuse it); empty otherwise
+    original_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def deltas(self) -> dict[str, LowRankDelta]:
@@ -183,12 +196,12 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
         enc_t.append(t)
         enc_a.append(a)
         causal = te.arch.causal
-        positions.append(pair_positions(plan.recipe.solver.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.recipe.solver.surplus))
+        positions.append(pair_positions(plan.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.recipe.solver.surplus))
         eos_positions.append(pair_positions("eos", pairs, t, a, anchor_rows, causal=causal))
         if plan.preserve:
             p = encode(te.tokenizer, plan.preserve)
             enc_p.append(p)
-            pres.append(single_positions(plan.recipe.solver.token_policy, p))
+            pres.append(single_positions(plan.token_policy, p))
             pres_eos.append(single_positions("eos", p))
     for other in positions[1:]:
         if not other.equals(positions[0]):
@@ -264,6 +277,7 @@ def _factorize(
     soft: torch.Tensor | None = None,
     soft_targets: torch.Tensor | None = None,
     uce: bool = False,
+    one_site: bool = False,
 ):
     """The shared factorisation of one stage: ``X`` (``d × N``) targets, ``P`` (``d × M``) preserve inputs,
     ``soft`` (``d × r``) the caption summary of the stage (weighted by ``plan.recipe.preserve.caption_weight``), ``soft_targets``
@@ -287,6 +301,7 @@ def _factorize(
         soft_target_weight=plan.recipe.prompts.misspelling_weight,
         rtol=plan.recipe.solver.rank_rtol,
         ridge=plan.recipe.solver.ridge,
+        one_site=one_site,
     )
 
 
@@ -300,7 +315,7 @@ def _caption_summaries(model: EditModel, plan: ErasurePlan, stages: dict[str, li
         for stage in stages[te.component]
     }
     embed = lambda ids: prompt_embeddings(model, ids)[0]  # noqa: E731
-    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.recipe.solver.token_policy, embed=embed)
+    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.token_policy, embed=embed)
 
 
 def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -312,6 +327,20 @@ def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.
     soft = soft.to(rows.device)
     exact = rows[~soft].T
     return exact, (rows[soft].T if bool(soft.any()) else None)
+
+
+def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
+    """``ids`` cut after the last position any of ``positions`` reads, where that changes nothing.
+
+    In a causal encoder a token's features depend only on the tokens up to it (absolute position
+    embeddings, causal attention), so the positions after the last one read are dead weight: the target
+    and anchor passes of a ``concept-eos`` solve read a few tokens of a 77-token window. A bidirectional
+    encoder reads the whole window.
+    """
+    if not te.arch.causal:
+        return ids
+    used = [int(p.max()) for p in positions if p.numel()]
+    return ids[:, : max(used) + 1] if used else ids
 
 
 def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:
@@ -342,7 +371,34 @@ def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, t
                 else:
                     handle = point.register_forward_pre_hook(partial(in_hook, stage, pos))
             hooks.callback(handle.remove)
-        embeds, _ = run_encoder(te, ids)
+        embeds, _ = run_encoder(te, _window(te, ids, tokens.positions.a_pos, tokens.eos_positions.a_pos))
+    return captured, embeds
+
+
+def _preserve_captures(
+    te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Through the original encoder: each stage's preserve inputs ``P`` and ``W P`` (``d × M``, ``m × M``, in the
+    model's dtype: every stage's are held until the target pass reaches it), and the preserve prompts' prompt
+    embedding.
+
+    Preservation keeps the inputs the preserve prompts have in the **original** model, as the caption summary
+    does (:mod:`.preservation`): what should stay is what the model did before the erasure, and the preserve
+    features then do not depend on the solve, so they are read in one pass of their own, over the whole window.
+    """
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(stage: _Stage, mod, args, output):
+        rows, pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
+        bias = _bias(mod)
+        plain = output - bias if bias is not None else output  # W p
+        captured[stage.name] = (_gather(args[0], rows, pos).T, _gather(plain, rows, pos).T)
+
+    with ExitStack() as hooks:
+        for stage in stages:
+            module = te.site_module(stage.layer, stage.site)
+            hooks.callback(module.register_forward_hook(partial(hook, stage)).remove)
+        embeds, _ = run_encoder(te, _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1]))
     return captured, embeds
 
 
@@ -380,7 +436,7 @@ def _solve_stage(
         if inputs.bias is not None:
             T = T - inputs.bias.double()
     X, V = _split(inputs.X, soft)
-    fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V)
+    fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V, one_site=True)
     (WX, WV), (T, T_soft) = _split(inputs.WX, soft), _split(T, soft)
     return solve(
         fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
@@ -392,14 +448,14 @@ def _target_pass(
     te: TextEncoder,
     stages: list[_Stage],
     ids: torch.Tensor,
-    n_targets: int,
     anchor_caps: dict,
+    preserve_caps: dict,
     tokens: _Tokens,
     plan: ErasurePlan,
     recorder: _Recorder,
     summaries: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """Targets + preserve prompts through the encoder, solving each stage as the forward pass reaches it.
+    """The target prompts through the encoder, solving each stage as the forward pass reaches it.
 
     The hooks only gather and apply: at a stage's site, the forward hook gathers what :func:`_solve_stage`
     reads, and adds the solved update to the site's output so that deeper stages see the edited model.
@@ -411,17 +467,16 @@ def _target_pass(
 
     def solve_hook(stage: _Stage, mod, args, output):
         pos = tokens.eos_positions if stage.eos else tokens.positions
-        p_rows, p_pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
         x = args[0]
-        # the forward pass already computed W x + b for every row: reuse it for W X and W P
+        # the forward pass already computed W x + b for every row: reuse it for W X
         bias = _bias(mod)
         plain = output - bias if bias is not None else output
-        has_p = bool(p_rows.numel())
+        P, WP = preserve_caps.get(stage.name, (None, None))
         inputs = _StageInputs(
             X=_gather(x, pos.t_rows, pos.t_pos).double(),
             WX=_gather(plain, pos.t_rows, pos.t_pos).double(),
-            P=_gather(x, p_rows + n_targets, p_pos).double().T if has_p else None,
-            WP=_gather(plain, p_rows + n_targets, p_pos).double().T if has_p else None,
+            P=P.double() if P is not None and P.shape[1] else None,
+            WP=WP.double() if P is not None and P.shape[1] else None,
             residual=_gather(stash.pop(stage.name), pos.t_rows, pos.t_pos) if stage.mode == "stream" else None,
             bias=bias,
         )
@@ -440,7 +495,7 @@ def _target_pass(
                 hooks.callback(point.register_forward_pre_hook(partial(stash_hook, stage, index)).remove)
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(solve_hook, stage)).remove)
-        embeds, _ = run_encoder(te, ids)
+        embeds, _ = run_encoder(te, _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos))
     return embeds
 
 
@@ -465,7 +520,7 @@ def solve_erasure(
         stages(sum(len(s) for s in plan_stages.values()) + 1)  # the text-encoder stages, then the K/V stage
     recorder = _Recorder(progress)
     n_targets = len(plan.pairs) + len(plan.soft_pairs)
-    x_parts, y_parts, p_parts = [], [], []
+    x_parts, y_parts, p_parts, p_embeds = [], [], [], []
     timings: dict[str, float] = {"tokenize": time.perf_counter() - start}
     t0 = time.perf_counter()
     summaries = _caption_summaries(model, plan, plan_stages)
@@ -475,18 +530,22 @@ def solve_erasure(
         t0 = time.perf_counter()
         anchor_caps, anchor_embeds = _anchor_captures(te, te_stages, tokens.anchors[index].ids, tokens)
         timings[f"{te.component}.anchor_pass"] = time.perf_counter() - t0
-        ids = tokens.targets[index].ids
+        preserve_caps: dict = {}
         if plan.preserve:
-            ids = torch.cat([ids, tokens.preserve[index].ids])
+            t0 = time.perf_counter()
+            preserve_caps, preserve_embeds = _preserve_captures(te, te_stages, tokens.preserve[index].ids, tokens)
+            timings[f"{te.component}.preserve_pass"] = time.perf_counter() - t0
+            rows, cols = tokens.preserve_positions
+            p_parts.append(_gather(preserve_embeds, rows, cols))
+            p_embeds.append(preserve_embeds)
         t0 = time.perf_counter()
-        embeds = _target_pass(te, te_stages, ids, n_targets, anchor_caps, tokens, plan, recorder, summaries)
+        embeds = _target_pass(
+            te, te_stages, tokens.targets[index].ids, anchor_caps, preserve_caps, tokens, plan, recorder, summaries
+        )
         timings[f"{te.component}.target_pass"] = time.perf_counter() - t0
         pos = tokens.positions
         x_parts.append(_gather(embeds, pos.t_rows, pos.t_pos))
         y_parts.append(_gather(anchor_embeds, pos.a_rows, pos.a_pos))
-        if plan.preserve:
-            rows, cols = tokens.preserve_positions
-            p_parts.append(_gather(embeds, rows + n_targets, cols))
 
     t0 = time.perf_counter()
     # rows of the prompt embedding at the constrained positions (pipeline dtype); the solver works on columns
@@ -510,6 +569,10 @@ def solve_erasure(
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0
     stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
+    original = {}
+    if p_embeds and all(e.shape[1] == tokens.preserve[0].length for e in p_embeds):
+        joined = torch.cat(p_embeds, dim=-1)
+        original = {prompt.text: joined[i] for i, prompt in enumerate(plan.preserve)}
     return ErasureSolution(
         sites=recorder.sites,
         stages=stage_names,
@@ -517,6 +580,7 @@ def solve_erasure(
         n_constrained_tokens=int((~tokens.soft).sum()),
         seconds=time.perf_counter() - start,
         timings=timings,
+        original_embeddings=original,
     )
 
 

@@ -22,7 +22,13 @@ is narrower than the input), and ``G = Xᵀ Z = V Λ Vᵀ`` (an ``N × N`` eigen
 factors ``right = V Λ^{-1/2}`` and ``A = Λ^{-1/2} Vᵀ Zᵀ``. ``√Λ`` are the singular values of
 ``M^{-1/2} X``, so the rank rule is the same as without preservation. Forming ``G`` squares the
 condition number; one step of iterative refinement in :func:`solve` restores the constraint to
-working precision.
+working precision. Soft targets ``V`` (§2.2) enter as a second Woodbury step on top of ``M⁻¹``
+(:func:`_with_columns`), so two small Gram matrices are formed instead of one of their summed width.
+
+Cost: the factorisation is the per-stage work (``O(k² d)`` for ``k`` soft columns); a site then
+costs ``O(m N r)``. Its inputs are checked for shape only; a NaN or inf anywhere shows in the update,
+whose finiteness is checked once. Factors wider than the matrix (``r > min(m, d)``) are multiplied
+out (``ΔW`` with an identity factor), so a site never factorises its own update.
 
 ``exact`` preservation (§2.2): the plain problem with ``X' = [X P]`` and
 ``T' = [T, W P]``, i.e. ``R' = [R, 0]``.
@@ -75,15 +81,21 @@ class SoftTargets:
 
     Attributes:
         V: ``(d, N_v)`` their inputs.
-        A: ``(N_v, d)`` ``λ_v (M⁻¹ V)ᵀ``, so that their part of the update is ``R_v A`` (``R_v = T_v − W V``).
+        A: ``(N_v, d)`` ``λ_v (M⁻¹ V)ᵀ``, so that their part of the update is ``R_v A`` (``R_v = T_v − W V``);
+            ``None`` in the dense mode.
         AX: ``A X`` (``N_v × N``), what that part does to the exact columns (the exact part corrects it).
         AP: ``A P``, or ``None``.
+        solve: the dense mode (one site, soft columns as many as the input is wide): ``Y ↦ M'⁻¹ Y``, and each
+            solve forms that part as ``λ_v (M'⁻¹ V R_vᵀ)ᵀ`` (``m × d``) instead of the ``N_v × d`` factor ``A``.
+        weight: ``λ_v`` (the dense mode's).
     """
 
     V: Tensor
-    A: Tensor
-    AX: Tensor
+    A: Tensor | None
+    AX: Tensor | None
     AP: Tensor | None
+    solve: Callable[[Tensor], Tensor] | None = None
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,16 +208,29 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _as_matrix(name: str, value: Tensor, rows: int | None = None) -> Tensor:
+def _as_matrix(name: str, value: Tensor, rows: int | None = None, *, finite: bool = True) -> Tensor:
+    """``value`` as a float64 matrix, its shape checked (and, with ``finite``, its entries)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
     if rows is not None and value.shape[0] != rows:
         raise ValueError(f"{name} must have {rows} rows, got shape {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
+    if finite and not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return value.detach().to(torch.float64)
+
+
+def _as_dense(dense: Tensor) -> tuple[LowRankDelta, float]:
+    """``ΔW`` itself as factors with an identity on the smaller side, and ``||ΔW||_F``: for factors wider than
+    the matrix (``r > min(m, d)``, beyond capacity or many soft columns; ``m·r·d`` flops, no factorisation)."""
+    if not torch.any(dense):
+        return LowRankDelta.zeros(*dense.shape), 0.0
+    m, d = dense.shape
+    norm = float(torch.linalg.matrix_norm(dense))
+    if m <= d:
+        return LowRankDelta(torch.eye(m, dtype=dense.dtype), dense), norm
+    return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype)), norm
 
 
 def _frobenius(B: Tensor, AAt: Tensor) -> float:
@@ -231,6 +256,7 @@ def factorize_zero_residual(
     soft_target_weight: float = 1.0,
     rtol: float = DEFAULT_RTOL,
     ridge: float = 0.0,
+    one_site: bool = False,
 ) -> Factorization:
     """Factorise the ErasePro problem for target inputs ``X`` (``d × N``).
 
@@ -252,6 +278,9 @@ def factorize_zero_residual(
         soft_target_weight: ``λ_v > 0``.
         rtol: relative singular-value cut-off for the numerical rank.
         ridge: optional ``ε ≥ 0``; uses ``σ / (σ² + ε)`` instead of ``1/σ`` (then not exact).
+        one_site: the factorisation serves a single site (a text-encoder stage): with at least ``d / 2`` soft
+            targets their part is then formed per solve as an ``m × d`` matrix (:class:`SoftTargets`' dense
+            mode, ``O(d N_v m + d² m)``) rather than as an ``N_v × d`` factor (``O(d² N_v)``).
     """
     X = _as_matrix("X", X)
     d, n = X.shape
@@ -270,21 +299,31 @@ def factorize_zero_residual(
     if V is not None:
         if not soft_target_weight > 0:
             raise ValueError("soft_target_weight must be > 0")
-        factors.append(V * soft_target_weight**0.5)
-    Q = torch.cat(factors, dim=1) if factors else None
+    Q = torch.cat(factors, dim=1) if factors else None  # the preservation metric M = I + Q Qᵀ
+    solved = None  # M'⁻¹ Vw, where a branch computes it on the way
+    Vw = V * soft_target_weight**0.5 if V is not None else None  # soft targets: M' = M + Vw Vwᵀ
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
-    mode = "soft" if preserve_mode == "none" and Q is not None else preserve_mode
+    mode = "soft" if preserve_mode == "none" and (Q is not None or Vw is not None) else preserve_mode
     if system.shape[1] > d:
-        fact, solve_m = _factorize_wide(X, P, system, Q, mode, rtol, ridge)
-    elif Q is not None:
-        fact, solve_m = _factorize_soft(X, P, system, Q, mode, rtol, ridge)
+        full = torch.cat([q for q in (Q, Vw) if q is not None], dim=1) if Q is not None or Vw is not None else None
+        fact, solve_m = _factorize_wide(X, P, system, full, mode, rtol, ridge)
+    elif Q is not None or Vw is not None:
+        k = (0 if Q is None else Q.shape[1]) + (0 if Vw is None else Vw.shape[1])
+        if Vw is None or k >= d:  # one metric: Woodbury, or the d × d Cholesky once the columns reach d
+            solve_m = _metric_solver(torch.cat([q for q in (Q, Vw) if q is not None], dim=1))
+        else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
+            solve_m, solved = _with_columns(_metric_solver(Q) if Q is not None else (lambda Y: Y), Vw)
+        fact = _factorize_soft(X, P, system, solve_m, mode, rtol, ridge)
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
         r = _rank(s, rtol)
         return _zero_residual_factorization(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
     if V is None:
         return fact
-    A_soft = (soft_target_weight * solve_m(V)).T.contiguous()
+    if one_site and 2 * V.shape[1] >= d:
+        return replace(fact, soft_targets=SoftTargets(V, None, None, None, solve=solve_m, weight=soft_target_weight))
+    # λ_v M'⁻¹ V; with the nested Woodbury it is already known (M'⁻¹ Vw, Vw = √λ_v V)
+    A_soft = (soft_target_weight**0.5 * solved if solved is not None else soft_target_weight * solve_m(V)).T.contiguous()
     targets = SoftTargets(V, A_soft, A_soft @ X, A_soft @ P if P is not None else None)
     return replace(fact, soft_targets=targets)
 
@@ -351,22 +390,51 @@ def _factorize_wide(
     return fact, (lambda Y: Y if L is None else torch.cholesky_solve(Y, L))
 
 
+def _gram(F: Tensor) -> Tensor:
+    """``Fᵀ F``, its two off-diagonal blocks computed once (symmetry saves a quarter of the work on wide ``F``)."""
+    k = F.shape[1]
+    if k < 256:
+        return F.T @ F
+    h = k // 2
+    top, bottom = F[:, :h], F[:, h:]
+    corner = top.T @ bottom
+    return torch.cat([torch.cat([top.T @ top, corner], 1), torch.cat([corner.T, bottom.T @ bottom], 1)])
+
+
+def _metric_solver(Q: Tensor) -> Callable[[Tensor], Tensor]:
+    """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``: Woodbury (a ``k × k`` Cholesky) while ``Q`` is narrower than the input,
+    the ``d × d`` Cholesky otherwise."""
+    d, k = Q.shape
+    if k < d:
+        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64) + _gram(Q))
+        return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
+    L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + _gram(Q.T))
+    return lambda Y: torch.cholesky_solve(Y, L)
+
+
+def _with_columns(solve_m: Callable[[Tensor], Tensor], C: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """``Y ↦ (M + C Cᵀ)⁻¹ Y`` from ``Y ↦ M⁻¹ Y`` (Woodbury once more): ``M⁻¹Y − M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹ Y``;
+    and ``(M + C Cᵀ)⁻¹ C = M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹`` (push-through), which the soft targets need.
+
+    Costs ``k² d`` for the ``k`` columns of ``C`` instead of ``(k + k_M)² d`` for one metric holding both.
+    """
+    MC = solve_m(C)
+    L = torch.linalg.cholesky(torch.eye(C.shape[1], dtype=torch.float64) + C.T @ MC)
+
+    def solve(Y: Tensor) -> Tensor:
+        MY = solve_m(Y)
+        return MY - MC @ torch.cholesky_solve(C.T @ MY, L)
+
+    return solve, torch.cholesky_solve(MC.T, L).T
+
+
 def _factorize_soft(
-    X: Tensor, P: Tensor | None, system: Tensor, Q: Tensor, preserve_mode: str, rtol: float, ridge: float
-) -> tuple[Factorization, Callable[[Tensor], Tensor]]:
-    """Soft preservation ``M = I + Q Qᵀ`` through Woodbury and the ``N × N`` Gram matrix (see the module docs).
+    X: Tensor, P: Tensor | None, system: Tensor, solve_m: Callable[[Tensor], Tensor], preserve_mode: str, rtol: float, ridge: float
+) -> Factorization:
+    """Soft preservation through ``solve_m: Y ↦ M⁻¹ Y`` and the ``N × N`` Gram matrix (see the module docs).
 
     ``system`` is ``X``, or ``[X P]`` under exact preservation (those columns hold exactly too).
-    Returns the factorisation and ``Y ↦ M⁻¹ Y``.
     """
-    d = X.shape[0]
-    k = Q.shape[1]
-    if k < d:
-        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64) + Q.T @ Q)
-        solve_m = lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)  # noqa: E731  Woodbury
-    else:
-        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + Q @ Q.T)
-        solve_m = lambda Y: torch.cholesky_solve(Y, L)  # noqa: E731
     Z = solve_m(system)
     G = system.T @ Z
     values, V = torch.linalg.eigh((G + G.T) / 2)
@@ -374,7 +442,7 @@ def _factorize_soft(
     s = values.sqrt()  # singular values of M^{-1/2} system
     r = _rank(s, rtol)
     V = V[:, :r]
-    return _zero_residual_factorization(X, P, ((Z @ V) / s[:r]).T, V, s, r, system.shape[1], preserve_mode, rtol, ridge), solve_m
+    return _zero_residual_factorization(X, P, ((Z @ V) / s[:r]).T, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
 
 
 def factorize_uce(
@@ -462,7 +530,8 @@ def solve(
     m, d = W.shape
     if d != fact.input_dim:
         raise ValueError(f"W{tuple(W.shape)} does not read inputs of width {fact.input_dim}")
-    T = _as_matrix("T", T, rows=m)
+    # the inputs are checked for shape only: a NaN or inf anywhere shows in the update, checked once below
+    T = _as_matrix("T", T, rows=m, finite=False)
     if T.shape[1] != fact.n_targets:
         raise ValueError(f"T has {T.shape[1]} columns, the factorisation {fact.n_targets}")
 
@@ -471,18 +540,28 @@ def solve(
         raise ValueError("T_soft is needed exactly when the factorisation has soft targets")
     # W only enters through W X, W V (and W P for the report): convert it only when they were not given
     need_w = WX is None or (fact.P is not None and WP is None) or (soft is not None and WV is None)
-    W64 = _as_matrix("W", W) if need_w else None
-    R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m))
+    W64 = _as_matrix("W", W, finite=False) if need_w else None
+    R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m, finite=False))
     t_norm = float(torch.linalg.matrix_norm(T))
     # the soft-target part of the update, R_v A_soft; the exact part then corrects what it does to X (and P)
+    dense_soft = None  # the soft part as an m × d matrix (the dense mode of SoftTargets)
     if soft is not None:
-        B_soft = _as_matrix("T_soft", T_soft, rows=m) - (W64 @ soft.V if WV is None else _as_matrix("WV", WV, rows=m))
-        R_exact = R - B_soft @ soft.AX
+        B_soft = _as_matrix("T_soft", T_soft, rows=m, finite=False) - (
+            W64 @ soft.V if WV is None else _as_matrix("WV", WV, rows=m, finite=False)
+        )
+        if soft.A is None:
+            dense_soft = soft.weight * soft.solve(soft.V @ B_soft.T).T
+            soft_x = dense_soft @ fact.X
+            soft_p = dense_soft @ fact.P if fact.P is not None else None
+        else:
+            soft_x = B_soft @ soft.AX
+            soft_p = B_soft @ soft.AP if soft.AP is not None else None
+        R_exact = R - soft_x
     else:
-        B_soft, R_exact = None, R
+        B_soft, R_exact, soft_p = None, R, None
     extra = fact.right.shape[0] - fact.n_targets  # exact preservation: R' = [R, −(soft part) P]
     if extra:
-        held = -(B_soft @ soft.AP) if soft is not None else R.new_zeros(m, extra)
+        held = -soft_p if soft is not None else R.new_zeros(m, extra)
         R_full = torch.cat([R_exact, held], dim=1)
     else:
         R_full = R_exact
@@ -499,26 +578,41 @@ def solve(
             correction = torch.cat([correction, R_full[:, -extra:] - B @ fact.AP], dim=1)
         B = B + correction @ fact.right
     # the update's factors: the soft-target part first, then the exact part (left out when it is all zero)
-    if soft is None:  # down = A: its Gram matrix is shared by every site
-        A, AX, AP, gram = fact.A, fact.AX, fact.AP, fact.gram
+    # (gram: A Aᵀ for the update's norm, asked for only when the factors are kept; shared by every site)
+    if soft is None or dense_soft is not None:  # down = A (the dense soft part is added below)
+        A, AX, AP, gram = fact.A, fact.AX, fact.AP, lambda: fact.gram
     elif already_met:
         B, A, AX, AP = B_soft, soft.A, soft.AX, soft.AP
-        gram = A @ A.T
+        gram = lambda: A @ A.T  # noqa: E731
     else:  # down = [A_soft; A], shared
         B = torch.cat([B_soft, B], dim=1)
-        A, gram = fact.down, fact.gram
+        A, gram = fact.down, lambda: fact.gram
         AX = torch.cat([soft.AX, fact.AX])
         AP = torch.cat([soft.AP, fact.AP]) if fact.P is not None else None
+    if not torch.isfinite(B).all() or (dense_soft is not None and not torch.isfinite(dense_soft).all()):
+        where = f" at {site}" if site else ""
+        raise ValueError(
+            f"the update{where} is not finite: W, T or the features hold NaN or infinite values "
+            "(a float16 overflow? solve in float32: solver.dtype)"
+        )
     # nothing to change (the inputs already give the targets, bit for bit): the zero update, rank 0
-    delta = LowRankDelta(B.contiguous(), A).compact() if torch.any(B) else LowRankDelta.zeros(m, d)
+    delta_norm = None
+    if dense_soft is not None:
+        delta, delta_norm = _as_dense(dense_soft + B @ A)
+    elif not torch.any(B):
+        delta = LowRankDelta.zeros(m, d)
+    elif B.shape[1] > min(m, d):
+        delta, delta_norm = _as_dense(B @ A)
+    else:
+        delta = LowRankDelta(B.contiguous(), A)
 
-    miss = R - B @ AX
+    miss = (R if dense_soft is None else R_exact) - B @ AX
     miss_norm = float(torch.linalg.matrix_norm(miss))
     residual = miss_norm / t_norm if t_norm > 0 else miss_norm
     preserve_residual = None
     if fact.P is not None:
-        wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m)))
-        dp = float(torch.linalg.matrix_norm(B @ AP))
+        wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m, finite=False)))
+        dp = float(torch.linalg.matrix_norm(B @ AP if dense_soft is None else soft_p + B @ AP))
         preserve_residual = dp / wp if wp > 0 else dp
     within = fact.constraint_rank >= fact.n_constraints
     report = SolveReport(
@@ -530,7 +624,7 @@ def solve(
         condition=fact.condition,
         residual=residual,
         preserve_residual=preserve_residual,
-        delta_norm=_frobenius(B, gram) if delta.rank else 0.0,
+        delta_norm=(_frobenius(B, gram()) if delta_norm is None else delta_norm) if delta.rank else 0.0,
         exact=fact.exact,
         within_capacity=within,
         update_rank=delta.rank,

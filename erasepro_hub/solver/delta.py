@@ -7,6 +7,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+#: The reconstruction guarantee of a stored update: ``max|B A − ΔW| ≤ STORAGE_RTOL · max|ΔW|`` once its
+#: factors are rounded to float32 (docs/design.md §4.1).
+STORAGE_RTOL = 1e-6
+#: The share of that budget that dropping small singular values may take; the rest is for the rounding.
+TRUNCATION_SHARE = 0.5
+
+
+def _max_abs(x: Tensor) -> float:
+    """``max|x|`` of a non-empty tensor, in one pass (cheaper than ``x.abs().max()``)."""
+    low, high = torch.aminmax(x)
+    return max(float(high), -float(low))
+
 
 @dataclass(frozen=True)
 class LowRankDelta:
@@ -81,6 +93,75 @@ class LowRankDelta:
         B = (q_b @ u[:, :keep]) * s[:keep]
         A = vh[:keep] @ q_a.T
         return LowRankDelta(B.contiguous(), A.contiguous())
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The thin SVD ``U diag(s) Vh`` of ``B A`` in float64, without forming the dense product.
+
+        QR of ``B`` and of ``Aᵀ``, then an SVD of the small core ``R_b R_aᵀ``: ``U`` is ``(m, p)``, ``s``
+        (``p``, descending) and ``Vh`` ``(p, d)`` with ``p = min(m, d, r)``. Each singular pair's sign is
+        fixed (the largest-magnitude entry of ``U``'s column, the first of equals, is positive), so the same
+        factors give the same result whatever sign convention the SVD routine follows.
+        """
+        B, A = self.B.double(), self.A.double()
+        q_b, r_b = torch.linalg.qr(B)
+        q_a, r_a = torch.linalg.qr(A.T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        U, Vh = q_b @ u, vh @ q_a.T
+        if U.shape[1]:
+            pivot = U.gather(0, U.abs().argmax(dim=0, keepdim=True))
+            sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+            U, Vh = U * sign, Vh * sign.T
+        return U, s, Vh
+
+    def at_numerical_rank(
+        self, dtype: torch.dtype = torch.float32, rtol: float = STORAGE_RTOL, share: float = TRUNCATION_SHARE
+    ) -> "LowRankDelta":
+        """The same update at its numerical rank, as float64 factors that keep ``rtol`` once cast to ``dtype``.
+
+        With ``E`` the difference between the returned factors cast to ``dtype`` (their product taken in
+        float64) and the exact ``ΔW = B A``, the guarantee is ``max|E| ≤ rtol · max|ΔW|`` for float32 and
+        float64 storage. The factors are ``B = U √Σ``, ``A = √Σ Vh`` of :meth:`svd` (the effective scale
+        stays exactly 1), truncated to the ``k`` singular values above ``share · rtol · max|ΔW|``: the
+        truncation alone moves no entry by more than ``σ_{k+1} ≤ share · rtol · max|ΔW|``
+        (``max_ij |E_ij| ≤ ||E||₂``), leaving the rest of the budget for rounding to ``dtype``. The
+        product is then checked entry by entry in float64; should it miss, more singular values are
+        kept (those above a tenth, a hundredth, … of the threshold, then all of them), and should every
+        truncation miss, the exact factors (:meth:`compact`) are returned.
+
+        float16 and bfloat16 round each factor entry by more than ``rtol`` on their own: for them the
+        same truncation is applied without the check (no worse than storing every column), and the
+        guarantee is stated for float32. The zero update (``ΔW = 0`` exactly) gives rank 0.
+        """
+        m, d = self.shape
+        if not self.rank:
+            return LowRankDelta.zeros(m, d)
+        exact = self.dense(torch.float64)
+        scale = _max_abs(exact) if exact.numel() else 0.0
+        if scale == 0.0:
+            return LowRankDelta.zeros(m, d)
+        U, s, Vh = self.svd()
+        budget = rtol * scale
+        threshold = share * budget
+
+        def truncated(k: int) -> LowRankDelta:
+            root = s[:k].sqrt()
+            return LowRankDelta((U[:, :k] * root).contiguous(), (root[:, None] * Vh[:k]).contiguous())
+
+        if dtype not in (torch.float32, torch.float64):
+            return truncated(max(int((s > threshold).sum()), 1))
+        tried: set[int] = set()
+        ranks = [int((s > threshold * 10.0**-j).sum()) for j in range(4)] + [int((s > 0).sum())]
+        for k in ranks:
+            k = max(k, 1)
+            if k in tried:
+                continue
+            tried.add(k)
+            candidate = truncated(k)
+            rounded = candidate.to(dtype)
+            error = _max_abs(torch.addmm(exact, rounded.B.double(), rounded.A.double(), beta=-1))
+            if error <= budget:
+                return candidate
+        return self.compact()
 
     def to(self, dtype: torch.dtype) -> "LowRankDelta":
         """The same update with both factors cast to ``dtype``."""

@@ -1,0 +1,89 @@
+"""The driver's passes (issue: cold path and solve cost): the UCE token choice, the causal window cut,
+the preserve pass through the original model, and what the metrics reuse from the solve."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import REPO
+
+from erasepro_hub import erase as E
+from erasepro_hub.evaluation import NAMED_VARIANTS, parse_variant, with_overrides
+from erasepro_hub.manifest import load_manifest
+from erasepro_hub.metrics.features import feature_metrics
+from erasepro_hub.models.base import prompt_embeddings
+from erasepro_hub.models.progressive import solve_erasure
+from erasepro_hub.models.prompts import encode
+from erasepro_hub.recipe import drift_prompts, heldout_pairs, plan_from_recipe, training_pairs
+
+_DEMO = load_manifest(REPO / "manifests" / "demo.yaml").recipe()
+
+
+def _base():
+    return E.load_base(_DEMO)
+
+
+def test_uce_reads_the_published_last_token_by_default_and_erasepro_tokens_by_name():
+    base = _base()
+    published = plan_from_recipe(_DEMO.model_copy(update={"method": "uce"}))
+    assert published.recipe.uce.tokens == "last-token" and published.token_policy == "last-token"
+    named = with_overrides(_DEMO, parse_variant("uce-erasepro-tokens").overrides)
+    assert NAMED_VARIANTS["uce-erasepro-tokens"]["uce.tokens"] == "erasepro"
+    ours = plan_from_recipe(named)
+    assert ours.token_policy == _DEMO.solver.token_policy == "concept-eos"
+    one = solve_erasure(base.model, published)
+    many = solve_erasure(base.model, ours)
+    assert one.n_constrained_tokens == len(published.pairs)  # one key per prompt
+    assert many.n_constrained_tokens > one.n_constrained_tokens
+    # ErasePro itself is not affected by the UCE setting
+    assert plan_from_recipe(_DEMO).token_policy == "concept-eos"
+
+
+def test_the_window_cut_changes_nothing_a_causal_encoder_reads():
+    """Target and anchor passes stop after the last position read: the solve equals the full-window one."""
+    base = _base()
+    plan = plan_from_recipe(_DEMO)
+    te = base.model.text_encoders[0]
+    assert te.arch.causal
+    ids = encode(te.tokenizer, plan.preserve[:3]).ids
+    full, _ = prompt_embeddings(base.model, [ids])
+    cut, _ = prompt_embeddings(base.model, [ids[:, :9]])
+    assert torch.allclose(full[:, :9], cut, atol=1e-5, rtol=1e-5)
+
+
+def test_the_preserve_pass_reads_the_original_model_and_the_metrics_reuse_it():
+    base = _base()
+    plan = plan_from_recipe(_DEMO)
+    solution = solve_erasure(base.model, plan)
+    assert set(solution.original_embeddings) == {p.text for p in plan.preserve}
+    te = base.model.text_encoders[0]
+    ids = encode(te.tokenizer, plan.preserve).ids
+    original, _ = prompt_embeddings(base.model, [ids])
+    for i, prompt in enumerate(plan.preserve):
+        assert torch.allclose(solution.original_embeddings[prompt.text], original[i], atol=1e-5)
+    # the metrics give the same figures with and without the rows the solve already computed
+    deltas = solution.deltas
+    args = dict(pairs=training_pairs(_DEMO), token_policy="concept-eos", heldout=heldout_pairs(_DEMO),
+                preserve=drift_prompts(_DEMO))
+    reused = feature_metrics(base.model, deltas, known=solution.original_embeddings, **args)
+    fresh = feature_metrics(base.model, deltas, **args)
+    for key in ("preserve_similarity", "preserve_similarity_min", "preserve_drift", "anchor_similarity"):
+        assert abs(reused[key] - fresh[key]) <= 1e-6 * max(1.0, abs(fresh[key]))
+
+
+def test_exact_preservation_leaves_the_preserve_prompts_where_the_original_model_had_them():
+    """Preserve features come from the original model; under exact preservation every stage keeps them there,
+    so the edited encoder computes the original embedding for every preserve prompt."""
+    from erasepro_hub.metrics.features import EditedEncoders
+
+    recipe = _DEMO.model_copy(update={"preserve": _DEMO.preserve.model_copy(update={"mode": "exact", "captions": "none"})})
+    base = _base()
+    plan = plan_from_recipe(recipe)
+    solution = solve_erasure(base.model, plan)
+    te = base.model.text_encoders[0]
+    ids = encode(te.tokenizer, plan.preserve).ids
+    before, _ = prompt_embeddings(base.model, [ids])
+    stored = {k: d.to(torch.float32) for k, d in solution.deltas.items()}
+    with EditedEncoders(base.model, stored):
+        after, _ = prompt_embeddings(base.model, [ids])
+    assert float((after - before).abs().max() / before.abs().max()) <= 1e-5
