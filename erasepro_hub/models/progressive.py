@@ -384,7 +384,8 @@ def _preserve_captures(
 
     Preservation keeps the inputs the preserve prompts have in the **original** model, as the caption summary
     does (:mod:`.preservation`): what should stay is what the model did before the erasure, and the preserve
-    features then do not depend on the solve, so they are read in one pass of their own, over the whole window.
+    features then do not depend on the solve, so they are read in one pass of their own (over the whole window
+    where the token policy keeps every position; cut after the last one read otherwise).
     """
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -229,8 +229,8 @@ def _as_dense(dense: Tensor) -> tuple[LowRankDelta, float]:
     m, d = dense.shape
     norm = float(torch.linalg.matrix_norm(dense))
     if m <= d:
-        return LowRankDelta(torch.eye(m, dtype=dense.dtype), dense), norm
-    return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype)), norm
+        return LowRankDelta(torch.eye(m, dtype=dense.dtype, device=dense.device), dense), norm
+    return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype, device=dense.device)), norm
 
 
 def _frobenius(B: Tensor, AAt: Tensor) -> float:
@@ -376,7 +376,7 @@ def _factorize_wide(
     d = X.shape[0]
     L = None
     if Q is not None:
-        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + Q @ Q.T)
+        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64, device=Q.device) + Q @ Q.T)
         system = torch.linalg.solve_triangular(L, system, upper=False)
     K = system @ system.T
     values, U = torch.linalg.eigh((K + K.T) / 2)
@@ -406,9 +406,9 @@ def _metric_solver(Q: Tensor) -> Callable[[Tensor], Tensor]:
     the ``d × d`` Cholesky otherwise."""
     d, k = Q.shape
     if k < d:
-        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64) + _gram(Q))
+        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64, device=Q.device) + _gram(Q))
         return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
-    L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + _gram(Q.T))
+    L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64, device=Q.device) + _gram(Q.T))
     return lambda Y: torch.cholesky_solve(Y, L)
 
 
@@ -419,7 +419,7 @@ def _with_columns(solve_m: Callable[[Tensor], Tensor], C: Tensor) -> tuple[Calla
     Costs ``k² d`` for the ``k`` columns of ``C`` instead of ``(k + k_M)² d`` for one metric holding both.
     """
     MC = solve_m(C)
-    L = torch.linalg.cholesky(torch.eye(C.shape[1], dtype=torch.float64) + C.T @ MC)
+    L = torch.linalg.cholesky(torch.eye(C.shape[1], dtype=torch.float64, device=C.device) + C.T @ MC)
 
     def solve(Y: Tensor) -> Tensor:
         MY = solve_m(Y)
@@ -466,7 +466,7 @@ def factorize_uce(
     if erase_scale < 0 or preserve_scale < 0:
         raise ValueError("UCE erase_scale and preserve_scale must be >= 0")
     P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d)
-    M = lam * torch.eye(d, dtype=torch.float64) + erase_scale * (C @ C.T)
+    M = lam * torch.eye(d, dtype=torch.float64, device=C.device) + erase_scale * (C @ C.T)
     if P is not None and preserve_scale > 0:
         M = M + preserve_scale * (P @ P.T)
     L = torch.linalg.cholesky(M)
