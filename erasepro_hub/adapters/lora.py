@@ -73,11 +73,7 @@ def _split_factor_key(key: str) -> tuple[str, str] | None:
 
 def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
     """The dense update ``ΔW`` as exact factors with an identity on the smaller side."""
-    dense = delta.dense(torch.float64)
-    m, d = dense.shape
-    if m <= d:
-        return LowRankDelta(torch.eye(m, dtype=torch.float64), dense)
-    return LowRankDelta(dense, torch.eye(d, dtype=torch.float64))
+    return LowRankDelta.from_dense(delta.dense(torch.float64))
 
 
 def stored_deltas(

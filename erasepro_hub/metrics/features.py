@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapters.apply import apply_deltas
-from ..models.base import EditModel, prompt_embeddings
+from ..models.base import EditModel, prompt_embeddings, read_length
 from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair, encode, pair_positions, single_positions
 from ..naming import get_module, is_kv_key, split_key
 from ..solver import LowRankDelta
@@ -100,21 +100,13 @@ def _embeddings(
     """``(prompt embedding, pooled)`` through the original encoders, or the edited ones with ``deltas``.
 
     ``length`` cuts the window after that many positions (only for causal encoders, where the positions before
-    the cut do not depend on what follows; see :func:`_causal_length`).
+    the cut do not depend on what follows; see :func:`~erasepro_hub.models.base.read_length`).
     """
     ids = [e.ids if length is None else e.ids[:, :length] for e in encoded]
     if not deltas:
         return prompt_embeddings(model, ids)
     with EditedEncoders(model, deltas):
         return prompt_embeddings(model, ids)
-
-
-def _causal_length(model: EditModel, *positions: torch.Tensor) -> int | None:
-    """The window length that still holds every position read, when every encoder is causal (else ``None``)."""
-    if not all(te.arch.causal for te in model.text_encoders):
-        return None
-    used = [int(p.max()) for p in positions if p.numel()]
-    return max(used) + 1 if used else None
 
 
 def _original_embeddings(
@@ -154,16 +146,20 @@ def _site_residuals(
     for key, weight in model.kv_weights.items():
         reference = _kv(weight, None, y_orig).double()
         edited = _kv(weight, deltas.get(key), x_edit).double()
-        diff2 = (edited - reference).square().sum(-1)
-        ref2 = reference.square().sum(-1)
-        for name, mask in groups.items():
-            if not bool(mask.any()):
-                out[name][key] = float("nan")
-                continue
-            denom = float(ref2[mask].sum())
-            num = float(diff2[mask].sum())
-            out[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
+        _group_residuals(out, key, (edited - reference).square().sum(-1), reference.square().sum(-1), groups)
     return {name: SiteResiduals(values) for name, values in out.items()}
+
+
+def _group_residuals(
+    out: dict[str, dict[str, float]], key: str, diff2: torch.Tensor, ref2: torch.Tensor, groups: Mapping[str, torch.Tensor]
+) -> None:
+    """``out[group][key] = sqrt(Σ diff2 / Σ ref2)`` over the rows each boolean mask selects (NaN for an empty group)."""
+    for name, mask in groups.items():
+        if not bool(mask.any()):
+            out[name][key] = float("nan")
+            continue
+        denom, num = float(ref2[mask].sum()), float(diff2[mask].sum())
+        out[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
 
 
 def _own_mask(encoded: Encoded) -> torch.Tensor:
@@ -235,7 +231,8 @@ def measure_pairs(
     length = None
     if not similarities:
         ends = [torch.tensor(enc_t[0].eos), torch.tensor(enc_a[0].eos)]
-        length = _causal_length(model, *ends, *(p for f in found.values() for p in (f.t_pos, f.a_pos)))
+        read = [p for f in found.values() for p in (f.t_pos, f.a_pos)]
+        length = read_length(all(te.arch.causal for te in model.text_encoders), *ends, *read)
     orig, orig_pooled = _embeddings(model, enc_a, length=length)
     edit, edit_pooled = _embeddings(model, enc_t, deltas, length=length)
     residuals = {}
@@ -297,13 +294,7 @@ def measure_prompts(
         reference = _kv(weight, None, orig).double()
         edited = _kv(weight, deltas.get(key), edit).double()
         diff2 = (edited - reference)[rows, pos].square().sum(-1)
-        ref2 = reference[rows, pos].square().sum(-1)
-        for name, selected in groups.items():
-            if not bool(selected.any()):
-                drift[name][key] = float("nan")
-                continue
-            denom, num = float(ref2[selected].sum()), float(diff2[selected].sum())
-            drift[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
+        _group_residuals(drift, key, diff2, reference[rows, pos].square().sum(-1), groups)
         cosine = torch.nn.functional.cosine_similarity
         own_sims.append(cosine(_pool(edited, mask), _pool(reference, mask), dim=-1))
         window_sims.append(cosine(_pool(edited, None), _pool(reference, None), dim=-1))

@@ -229,6 +229,14 @@ def detect_family_from_pipeline(pipe) -> str:
     return sd_family(te.config.hidden_size, getattr(pipe.tokenizer, "pad_token", None))
 
 
+def read_length(causal: bool, *positions: torch.Tensor) -> int | None:
+    """How much of the window a pass must run to read ``positions``: up to the last of them in a causal encoder
+    (a token's features depend only on the tokens up to it: absolute positions, causal attention); ``None``
+    (the whole window) for a bidirectional one, or when nothing is read."""
+    used = [int(p.max()) for p in positions if p.numel()]
+    return max(used) + 1 if causal and used else None
+
+
 def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them."""
     device = te.model.device

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import ManifestError, PromptError
 from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve
-from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
+from .base import EditModel, TextEncoder, get_module, prompt_embeddings, read_length, run_encoder
 from .loading import DTYPES
 from .preservation import caption_summaries
 from .prompts import (
@@ -330,17 +330,11 @@ def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
-    """``ids`` cut after the last position any of ``positions`` reads, where that changes nothing.
-
-    In a causal encoder a token's features depend only on the tokens up to it (absolute position
-    embeddings, causal attention), so the positions after the last one read are dead weight: the target
-    and anchor passes of a ``concept-eos`` solve read a few tokens of a 77-token window. A bidirectional
-    encoder reads the whole window.
-    """
-    if not te.arch.causal:
-        return ids
-    used = [int(p.max()) for p in positions if p.numel()]
-    return ids[:, : max(used) + 1] if used else ids
+    """``ids`` cut after the last position any of ``positions`` reads, where that changes nothing
+    (:func:`~.base.read_length`): the target and anchor passes of a ``concept-eos`` solve read a few tokens of a
+    77-token window."""
+    length = read_length(te.arch.causal, *positions)
+    return ids if length is None else ids[:, :length]
 
 
 def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:

@@ -226,11 +226,7 @@ def _as_dense(dense: Tensor) -> tuple[LowRankDelta, float]:
     the matrix (``r > min(m, d)``, beyond capacity or many soft columns; ``m·r·d`` flops, no factorisation)."""
     if not torch.any(dense):
         return LowRankDelta.zeros(*dense.shape), 0.0
-    m, d = dense.shape
-    norm = float(torch.linalg.matrix_norm(dense))
-    if m <= d:
-        return LowRankDelta(torch.eye(m, dtype=dense.dtype, device=dense.device), dense), norm
-    return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype, device=dense.device)), norm
+    return LowRankDelta.from_dense(dense), float(torch.linalg.matrix_norm(dense))
 
 
 def _frobenius(B: Tensor, AAt: Tensor) -> float:
@@ -304,13 +300,12 @@ def factorize_zero_residual(
     Vw = V * soft_target_weight**0.5 if V is not None else None  # soft targets: M' = M + Vw Vwᵀ
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
     mode = "soft" if preserve_mode == "none" and (Q is not None or Vw is not None) else preserve_mode
+    columns = [q for q in (Q, Vw) if q is not None]  # every column of M' = I + Q Qᵀ + Vw Vwᵀ
     if system.shape[1] > d:
-        full = torch.cat([q for q in (Q, Vw) if q is not None], dim=1) if Q is not None or Vw is not None else None
-        fact, solve_m = _factorize_wide(X, P, system, full, mode, rtol, ridge)
-    elif Q is not None or Vw is not None:
-        k = (0 if Q is None else Q.shape[1]) + (0 if Vw is None else Vw.shape[1])
-        if Vw is None or k >= d:  # one metric: Woodbury, or the d × d Cholesky once the columns reach d
-            solve_m = _metric_solver(torch.cat([q for q in (Q, Vw) if q is not None], dim=1))
+        fact, solve_m = _factorize_wide(X, P, system, torch.cat(columns, dim=1) if columns else None, mode, rtol, ridge)
+    elif columns:
+        if Vw is None or sum(c.shape[1] for c in columns) >= d:  # one metric: Woodbury, or the d × d Cholesky
+            solve_m = _metric_solver(torch.cat(columns, dim=1))
         else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
             solve_m, solved = _with_columns(_metric_solver(Q) if Q is not None else (lambda Y: Y), Vw)
         fact = _factorize_soft(X, P, system, solve_m, mode, rtol, ridge)

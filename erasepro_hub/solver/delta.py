@@ -168,6 +168,14 @@ class LowRankDelta:
         return LowRankDelta(self.B.to(dtype), self.A.to(dtype))
 
     @staticmethod
+    def from_dense(dense: Tensor) -> "LowRankDelta":
+        """A dense ``ΔW`` (``m × d``) as exact factors with an identity on the smaller side."""
+        m, d = dense.shape
+        if m <= d:
+            return LowRankDelta(torch.eye(m, dtype=dense.dtype, device=dense.device), dense)
+        return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype, device=dense.device))
+
+    @staticmethod
     def zeros(m: int, d: int, dtype: torch.dtype = torch.float64) -> "LowRankDelta":
         """The rank-0 (zero) update of shape ``(m, d)``."""
         return LowRankDelta(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, d, dtype=dtype))
