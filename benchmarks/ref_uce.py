@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timings", help="write load/edit/save seconds to this JSON file")
     args = parser.parse_args(argv)
+    folder = Path(args.model).expanduser()
+    if (folder.exists() or args.model.startswith(("/", ".", "~"))) and not (folder / "model_index.json").is_file():
+        parser.error(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json); "
+                     "build one with benchmarks/build_sd15.py or give a Hub id")
     torch.set_grad_enabled(False)
     from safetensors.torch import save_file
 
