@@ -36,7 +36,8 @@ def load_erasure(
     every check passed; BERT text encoders, which diffusers cannot load, get forward hooks.
 
     Args:
-        pipe: a loaded ``StableDiffusion[XL]Pipeline`` (or any object with ``unet``/``text_encoder`` attributes).
+        pipe: a loaded SD 1.x/2.x/XL, SD 3 or FLUX.1 diffusers pipeline (or any object with its components as
+            attributes: ``unet`` or ``transformer``, ``text_encoder``, ...).
         path: an erasure folder written by ``erasepro erase``, or a Hub repository ``user/name`` (then
             ``revision`` — branch, tag or commit — is resolved to a commit sha and that commit is downloaded
             and checked like a folder; ``applied.source`` names the commit).

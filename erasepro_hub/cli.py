@@ -181,6 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters.folder import check_files, open_folder
     from .errors import AdapterFormatError, VerificationError
     from .manifest import load_manifest
+    from .naming import is_denoiser_key
 
     folder = Path(args.folder)
     manifest = load_manifest(folder)  # a manifest file, or the folder holding one
@@ -205,7 +206,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "token_policy": manifest.solver.token_policy,
         "text_encoder": manifest.text_encoder.model_dump(),
         "sites": sum(1 for s in sites if s.update_rank),
-        "text_encoder_sites": sum(1 for s in sites if s.update_rank and not s.name.startswith("unet.")),
+        "text_encoder_sites": sum(1 for s in sites if s.update_rank and not is_denoiser_key(s.name)),
         "total_rank": sum(s.update_rank for s in sites),
         "max_site_residual": max((s.residual for s in sites), default=None),
         "adapter_bytes": adapter_bytes,

@@ -30,7 +30,7 @@ from .metrics.features import feature_metrics
 from .metrics.images import ImageOptions
 from .metrics.prompt_sets import PromptSet, load_prompt_set
 from .manifest import Recipe, load_manifest, to_data
-from .naming import is_kv_key
+from .naming import is_denoiser_key
 from .output import update_folder
 from .recipe import drift_prompts, heldout_pairs, training_pairs
 
@@ -257,7 +257,7 @@ def compare(
                 heldout=heldout_pairs(variant_recipe) + extra.heldout,
                 preserve=drift_prompts(variant_recipe) + extra.preserve,
             )
-            kv_ranks = [s.report.update_rank for s in sites if is_kv_key(s.key)]
+            kv_ranks = [s.report.update_rank for s in sites if is_denoiser_key(s.key)]
             rows.append({
                 "manifest": recipe.name or Path(path).stem,
                 "concept": ", ".join(t for t, _ in concepts),
@@ -265,7 +265,7 @@ def compare(
                 "method": variant_recipe.method,
                 **{k: metrics.get(k) for k in SUMMARY_KEYS},
                 "rank_kv": max(kv_ranks, default=0),
-                "te_stages": sum(1 for s in sites if not is_kv_key(s.key)),
+                "te_stages": sum(1 for s in sites if not is_denoiser_key(s.key)),
                 "max_site_residual": max((s.report.residual for s in sites), default=None),
                 "solve_seconds": comp.solution.seconds if comp is not None else 0.0,
                 "seconds": elapsed,

@@ -1,7 +1,7 @@
 """Site keys and module lookup shared by the model glue and the adapter loader (torch only).
 
 A *site key* is the LoRA module key diffusers uses (docs/design.md §4.1): the pipeline
-component, then the module path inside it — ``unet.<path>.attn2.to_k`` or
+component, then the module path inside it — ``unet.<path>.attn2.to_k``, ``transformer.context_embedder`` or
 ``text_encoder.text_model.encoder.layers.N.mlp.fc2``. The ``text_model.`` form
 loads on transformers 4 and 5; :func:`get_module` resolves it on either layout
 (transformers ≥ 5.6 flattened ``CLIPTextModel`` to ``encoder.layers.N``).
@@ -41,5 +41,11 @@ def split_key(key: str) -> tuple[str, str]:
     return component, path
 
 
-def is_kv_key(key: str) -> bool:
-    return key.startswith("unet.") and key.endswith(KV_SUFFIXES)
+#: the pipeline components that hold the final stage's sites (the denoiser: a UNet, or an MMDiT transformer)
+DENOISERS = ("unet", "transformer")
+
+
+def is_denoiser_key(key: str) -> bool:
+    """A final-stage site — a UNet's ``attn2.to_k``/``to_v``, an MMDiT's ``context_embedder`` or pooled-text
+    linear — rather than a text-encoder one."""
+    return key.partition(".")[0] in DENOISERS

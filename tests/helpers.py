@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,3 +81,27 @@ def forge(folder: Path, *, tensors=None, edit_manifest=None, restamp: bool = Fal
     data = to_data(manifest)
     data["outputs"]["files"]["pytorch_lora_weights.safetensors"] = file_sha256(path)
     (folder / "erasepro.yaml").write_text(dump_yaml(Manifest.model_validate(data)))
+
+
+@contextmanager
+def captured_logs(*names: str, level: int = logging.DEBUG):
+    """The messages the named loggers emit inside the block (a list, filled as they come), at ``level`` and above
+    whatever verbosity the tests run at; the loggers' levels are restored after."""
+    messages: list[str] = []
+
+    class _Capture(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = _Capture(level)
+    loggers = [logging.getLogger(name) for name in names]
+    old_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    try:
+        yield messages
+    finally:
+        for lg, old in zip(loggers, old_levels):
+            lg.removeHandler(handler)
+            lg.setLevel(old)

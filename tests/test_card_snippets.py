@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import forge, kv_residuals, read_tensors
+from helpers import captured_logs, forge, kv_residuals, read_tensors
 
 from erasepro_hub.manifest import load_manifest
 from erasepro_hub.models.loading import load_builtin
@@ -129,28 +129,11 @@ def test_the_hub_base_loads_as_written_in_half_precision(hub_base):
     assert pipe.device.type == "cpu"
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def diffusers_log(load) -> list[str]:
     """What ``load()`` logs through diffusers (whatever the verbosity the tests run at)."""
-    capture = _Capture()
-    logger = logging.getLogger("diffusers")
-    level = logger.level
-    logger.addHandler(capture)
-    logger.setLevel(logging.WARNING)
-    try:
+    with captured_logs("diffusers", level=logging.WARNING) as messages:
         load()
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(level)
-    return capture.messages
+    return messages
 
 
 def test_the_loading_note_quotes_what_loading_logs(demo_folder, tmp_path):

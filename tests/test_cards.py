@@ -370,21 +370,26 @@ SAMPLES = {"samples.png": "2" * 64}
 
 
 @pytest.mark.parametrize(
-    "family, family_tags",
+    "family, family_tags, pipeline_class",
     [
-        ("sd1", {"stable-diffusion", "stable-diffusion-diffusers"}),
-        ("sd2", {"stable-diffusion", "stable-diffusion-diffusers"}),
-        ("sdxl", {"stable-diffusion-xl", "stable-diffusion-xl-diffusers"}),
+        ("sd1", {"stable-diffusion", "stable-diffusion-diffusers"}, "StableDiffusionPipeline"),
+        ("sd2", {"stable-diffusion", "stable-diffusion-diffusers"}, "StableDiffusionPipeline"),
+        ("sdxl", {"stable-diffusion-xl", "stable-diffusion-xl-diffusers"}, "StableDiffusionXLPipeline"),
+        ("sd3", {"sd3", "sd3-diffusers"}, "StableDiffusion3Pipeline"),
+        ("flux", {"flux", "flux-diffusers"}, "FluxPipeline"),
     ],
 )
-def test_tags_are_the_ones_the_hubs_lora_pages_read(family, family_tags):
+def test_tags_are_the_ones_the_hubs_lora_pages_read(family, family_tags, pipeline_class):
     from huggingface_hub import ModelCard
 
-    card = ModelCard(render_card(with_outputs(fixed_manifest(), family=family), repo_id="alice/erasure", revision="v1"))
+    text = render_card(with_outputs(fixed_manifest(), family=family), repo_id="alice/erasure", revision="v1")
+    assert f"from diffusers import {pipeline_class}\n" in text  # the usage snippet loads the family's pipeline
+    card = ModelCard(text)
     tags = set(card.data.tags)
     assert {"template:sd-lora", "text-to-image", "lora", "diffusers", "concept-erasure", "erasepro"} <= tags
     assert family_tags <= tags
-    assert not {"stable-diffusion", "stable-diffusion-xl"} - family_tags & tags  # no other family's tags
+    others = {"stable-diffusion", "stable-diffusion-xl", "sd3", "flux"} - family_tags
+    assert not others & tags  # no other family's tags
     assert len(card.data.tags) == len(tags)  # each once
     assert card.data.base_model == "alice/tiny-sd-base" and card.data.base_model_relation == "adapter"
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
-from helpers import kv_residuals
+from helpers import captured_logs, kv_residuals
 
 from erasepro_hub.adapters import load_erasure, read_adapter, unload_erasure
 from erasepro_hub.manifest import load_manifest
@@ -57,34 +56,15 @@ def test_uce_leaves_a_larger_residual(demo_folder, demo_uce_folder):
     assert m_uce == pytest.approx(mean(r_uce), rel=1e-3)
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("fixture, builtin", [("demo_folder", "tiny-sd"), ("demo_xl_folder", "tiny-sdxl")])
 def test_plain_diffusers_loads_the_adapter(request, fixture, builtin):
     from peft.tuners.lora import LoraLayer
 
     folder = request.getfixturevalue(fixture)
-    capture = _Capture()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    old_levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(capture)
-        lg.setLevel(logging.DEBUG)
-    try:
+    with captured_logs("diffusers", "peft", "transformers") as messages:
         plain = fresh(builtin)
         plain.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
-    finally:
-        for lg, level in zip(loggers, old_levels):
-            lg.removeHandler(capture)
-            lg.setLevel(level)
-    text = "\n".join(capture.messages).lower()
+    text = "\n".join(messages).lower()
     # diffusers reports incompatible keys as "... led to unexpected keys ..." / "... missing keys ..."
     assert "unexpected keys" not in text and "missing keys" not in text, text
     # every site in the file became a LoRA layer with scale 1 and the file's rank: nothing was silently dropped

@@ -66,7 +66,7 @@ def test_builtin_families():
 
 def test_unknown_builtin():
     with pytest.raises(BaseModelError, match="available: builtin:tiny-sd"):
-        build_builtin("tiny-flux")
+        build_builtin("tiny-kandinsky")
 
 
 def test_fill_treats_braces_in_concepts_as_data():

@@ -75,7 +75,7 @@ def _summaries(model, captions, policy="concept-eos", **kwargs):
     stages = {"s1": (te, te.site_module(1, "mlp.fc2"), False)}
     return preservation.caption_summaries(
         model, captions, stages, FINAL_STAGE, policy=policy,
-        embed=lambda ids: prompt_embeddings(model, ids)[0], rank=16, **kwargs,
+        embed=lambda ids: prompt_embeddings(model, ids), rank=16, **kwargs,
     )
 
 

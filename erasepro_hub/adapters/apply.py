@@ -252,9 +252,9 @@ def adapter_name_for(folder: ErasureFolder) -> str:
 
 
 def _diffusers_can_load(pipe: Any, folder: ErasureFolder) -> bool:
-    """SD 1.x/2.x/XL erasures on a pipeline with diffusers' LoRA API; BERT text encoders are not loadable."""
+    """SD 1.x/2.x/XL/3 and FLUX.1 erasures on a pipeline with diffusers' LoRA API; BERT text encoders are not loadable."""
     assert folder.manifest.outputs is not None
-    return folder.manifest.outputs.family in ("sd1", "sd2", "sdxl") and callable(getattr(pipe, "load_lora_weights", None))
+    return folder.manifest.outputs.family in ("sd1", "sd2", "sdxl", "sd3", "flux") and callable(getattr(pipe, "load_lora_weights", None))
 
 
 @torch.no_grad()
@@ -304,7 +304,8 @@ def load_erasure(
     that commit, then calls this.)
 
     Args:
-        pipe: a loaded ``StableDiffusion[XL]Pipeline`` (or any object with ``unet``/``text_encoder`` attributes).
+        pipe: a loaded SD 1.x/2.x/XL, SD 3 or FLUX.1 diffusers pipeline (or any object with its components as
+            attributes: ``unet`` or ``transformer``, ``text_encoder``, ...).
         path: an erasure folder written by ``erasepro erase``.
         adapter_name: the name diffusers lists the erasure under (default: from the erasure's name).
         weight_name: the adapter file, as diffusers' argument; it must be the one the manifest checks.

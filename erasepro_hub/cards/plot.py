@@ -13,12 +13,15 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def short_site(key: str) -> str:
-    """``text_encoder.….layers.3.mlp.fc2`` → ``te L3``; ``unet.down_blocks.0….attn2.to_k`` → ``down0 k``."""
+    """``text_encoder.….layers.3.mlp.fc2`` → ``te L3``; ``unet.down_blocks.0….attn2.to_k`` → ``down0 k``;
+    ``transformer.context_embedder`` → ``context embedder``."""
     parts = key.split(".")
     if key.startswith("text_encoder"):
         marker = "layers" if "layers" in parts else "layer"
         layer = parts[parts.index(marker) + 1] if marker in parts else "?"
         return ("te2 L" if key.startswith("text_encoder_2") else "te L") + layer
+    if key.startswith("transformer."):  # an MMDiT's text input: context_embedder, the pooled text linear
+        return "pooled" if "time_text_embed" in parts else parts[1].replace("_", " ")
     block = parts[1].replace("_blocks", "").replace("_block", "")
     index = parts[2] if parts[1] != "mid_block" else ""
     return f"{block}{index} {parts[-1][-1]}"

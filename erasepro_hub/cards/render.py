@@ -46,6 +46,7 @@ from ..errors import InvalidRefError
 from ..layout import CARD_FILE, PLOT_FILE, SAMPLES_FILE
 from ..manifest import Manifest, dump_yaml
 from ..manifest.schema import HUB_ID_RE
+from ..naming import is_denoiser_key
 
 TEMPLATE = "model_card.md.j2"
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~$])")
@@ -266,6 +267,21 @@ LORA_COMPONENTS = {
     "sd1": _SD_COMPONENTS,
     "sd2": _SD_COMPONENTS,
     "sdxl": _SD_COMPONENTS + (("text_encoder_2", "CLIPTextModelWithProjection", "the second text encoder"),),
+    "sd3": (
+        ("transformer", "SD3Transformer2DModel", "the transformer"),
+        ("text_encoder", "CLIPTextModelWithProjection", "the text encoder"),
+        ("text_encoder_2", "CLIPTextModelWithProjection", "the second text encoder"),
+    ),
+    "flux": (
+        ("transformer", "FluxTransformer2DModel", "the transformer"),
+        ("text_encoder", "CLIPTextModel", "the text encoder"),
+    ),
+}
+#: The diffusers pipeline class of each family (the card's usage snippet)
+PIPELINE_CLASSES = {
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 
@@ -326,7 +342,7 @@ def card_context(
         model_name=name, base_model=hub_base, license=license_, tags=card_tags(family), metrics=metrics, widget=widget
     )
     usage = {
-        "pipeline_class": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
+        "pipeline_class": PIPELINE_CLASSES.get(family, "StableDiffusionPipeline"),
         "base_kind": base.kind,
         "base_id": base.id,
         "base_revision": base.revision,
@@ -366,7 +382,7 @@ def card_context(
         "concepts": [{"target": c.target, "anchor": c.anchor} for c in manifest.concepts],
         "n_sites": sum(1 for s in sites if s.update_rank),
         "n_te_sites": sum(1 for s in sites if s.update_rank and s.name.startswith("text_encoder")),
-        "n_kv_sites": sum(1 for s in sites if s.update_rank and s.name.startswith("unet.")),
+        "n_kv_sites": sum(1 for s in sites if s.update_rank and is_denoiser_key(s.name)),
         "usage": usage,
         "repo_id": repo_id,
         "revision": revision,

@@ -35,6 +35,8 @@ FAMILY_TAGS = {
     "sd2": ("stable-diffusion", "stable-diffusion-diffusers"),
     "bert": ("stable-diffusion", "stable-diffusion-diffusers"),
     "sdxl": ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+    "sd3": ("sd3", "sd3-diffusers"),
+    "flux": ("flux", "flux-diffusers"),
 }
 
 

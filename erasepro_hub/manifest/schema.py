@@ -365,7 +365,7 @@ class Outputs(_Strict):
     """Written by ``erase``: what was produced and how to check it."""
 
     recipe_sha256: Sha256
-    family: Literal["sd1", "sd2", "sdxl", "bert"]
+    family: Literal["sd1", "sd2", "sdxl", "sd3", "flux", "bert"]
     base_license: str | None = None
     adapter_file: str
     files: dict[str, str]

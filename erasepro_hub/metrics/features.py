@@ -38,9 +38,10 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapters.apply import apply_deltas
-from ..models.base import EditModel, prompt_embeddings, read_length
-from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair, encode, pair_positions, single_positions
-from ..naming import get_module, is_kv_key, split_key
+from ..models.base import EditModel, prompt_embeddings
+from ..models.conditioning import joint_pair_positions, joint_single_positions, own_tokens, read_length
+from ..models.prompts import DEFAULT_SURPLUS, Encoded, Prompt, PromptPair
+from ..naming import get_module, is_denoiser_key, split_key
 from ..solver import LowRankDelta
 
 
@@ -65,7 +66,7 @@ class SiteResiduals:
 def _te_modules(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict:
     modules = {}
     for key in deltas:
-        if is_kv_key(key):
+        if is_denoiser_key(key):
             continue
         component, path = split_key(key)
         modules[key] = get_module(model.encoder(component).model, path)
@@ -77,7 +78,7 @@ class EditedEncoders:
 
     def __init__(self, model: EditModel, deltas: Mapping[str, LowRankDelta]):
         self.model = model
-        self.deltas = {k: v for k, v in deltas.items() if not is_kv_key(k)}
+        self.deltas = {k: v for k, v in deltas.items() if not is_denoiser_key(k)}
         self._applied = None
 
     def __enter__(self) -> EditModel:
@@ -91,7 +92,7 @@ class EditedEncoders:
 
 
 def _encode(model: EditModel, prompts: Sequence[Prompt]) -> list[Encoded]:
-    return [encode(te.tokenizer, prompts) for te in model.text_encoders]
+    return model.encode(prompts)
 
 
 def _embeddings(
@@ -114,7 +115,7 @@ def _original_embeddings(
 ) -> torch.Tensor:
     """The original prompt embeddings of ``texts``: the rows ``known`` holds (the solve's preserve pass, whole
     window), the others computed."""
-    length = encoded[0].length
+    length = sum(encoded[segment[0]].length for segment in model.conditioning.segments)
     known = {t: row for t, row in (known or {}).items() if row.shape[0] == length}
     missing = [i for i, text in enumerate(texts) if text not in known]
     if not missing:
@@ -162,12 +163,6 @@ def _group_residuals(
         out[name][key] = (num / denom) ** 0.5 if denom > 0 else num**0.5
 
 
-def _own_mask(encoded: Encoded) -> torch.Tensor:
-    """``(n, L)``: each prompt's own tokens, BOS to its first end-of-text token."""
-    positions = torch.arange(encoded.length)
-    return positions[None, :] <= torch.tensor(encoded.eos)[:, None]
-
-
 def _pool(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the positions ``mask`` selects (``None``: the whole window)."""
     return k.mean(1) if mask is None else (k * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
@@ -193,6 +188,30 @@ def pooled_similarity(
         for out, (x_mask, y_mask) in zip(sims, masks):
             out.append(torch.nn.functional.cosine_similarity(_pool(kx, x_mask), _pool(ky, y_mask), dim=-1))
     return [torch.stack(values).mean(0) for values in sims]
+
+
+def _pooled_residual(
+    model: EditModel,
+    deltas: Mapping[str, LowRankDelta],
+    edited: torch.Tensor | None,
+    original: torch.Tensor | None,
+    rows: torch.Tensor,
+) -> float | None:
+    """How far the edited targets' pooled conditioning is from the anchors': ``||p'(t) − p(a)|| / ||p(a)||`` on the
+    pooled vector itself (SDXL: matched inside the encoder), or, where a denoiser site reads it (SD 3, FLUX), on
+    that site's output ``W p`` (the mean over such sites)."""
+    if edited is None or original is None:
+        return None
+    reference = original[rows]
+    if not model.pooled_weights:
+        reference = reference.double()
+        return float(torch.linalg.norm(edited.double() - reference) / torch.linalg.norm(reference))
+    values = []
+    for key, weight in model.pooled_weights.items():
+        ref = _kv(weight, None, reference).double()
+        out = _kv(weight, deltas.get(key), edited).double()
+        values.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
+    return sum(values) / len(values)
 
 
 @dataclass(frozen=True)
@@ -223,14 +242,11 @@ def measure_pairs(
     rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
     enc_t = _encode(model, [Prompt(p.target, p.prefix) for p in pairs])
     enc_a = _encode(model, [Prompt(t, prefix) for t, prefix in anchor_keys])
-    causal = model.text_encoders[0].arch.causal
-    found = {
-        policy: pair_positions(policy, pairs, enc_t[0], enc_a[0], rows, causal=causal, surplus=surplus) for policy in policies
-    }
+    found = {policy: joint_pair_positions(model, policy, pairs, enc_t, enc_a, rows, surplus=surplus) for policy in policies}
     # without the pooled similarities, only the paired positions (and EOS, for the pooled embedding) are read
     length = None
     if not similarities:
-        ends = [torch.tensor(enc_t[0].eos), torch.tensor(enc_a[0].eos)]
+        ends = [torch.tensor(e.eos) for e in (*enc_t, *enc_a)]  # the pooled outputs read them
         read = [p for f in found.values() for p in (f.t_pos, f.a_pos)]
         length = read_length(all(te.arch.causal for te in model.text_encoders), *ends, *read)
     orig, orig_pooled = _embeddings(model, enc_a, length=length)
@@ -240,15 +256,12 @@ def measure_pairs(
         x = edit[positions.t_rows, positions.t_pos]
         y = orig[positions.a_rows, positions.a_pos]
         residuals[policy] = _site_residuals(model, deltas, x, y, {"all": torch.ones(len(x), dtype=torch.bool)})["all"]
-    pooled = None
-    if orig_pooled is not None and edit_pooled is not None:
-        reference = orig_pooled[torch.tensor(rows)].double()
-        pooled = float(torch.linalg.norm(edit_pooled.double() - reference) / torch.linalg.norm(reference))
+    pooled = _pooled_residual(model, deltas, edit_pooled, orig_pooled, torch.tensor(rows))
     if not similarities:
         return PairMeasures(residuals, pooled)
     index = torch.tensor(rows)
-    anchors, anchor_mask = orig[index], _own_mask(enc_a[0])[index]
-    target_mask = _own_mask(enc_t[0])
+    anchors, anchor_mask = orig[index], own_tokens(model, enc_a)[index]
+    target_mask = own_tokens(model, enc_t)
     unedited, _ = _embeddings(model, enc_t)
     own, window = pooled_similarity(model, edit, deltas, anchors, [(target_mask, anchor_mask), (None, None)])
     (no_edit,) = pooled_similarity(model, unedited, {}, anchors, [(target_mask, anchor_mask)])
@@ -280,13 +293,13 @@ def measure_prompts(
     caller already has it (the solve's preserve pass); the others are computed.
     """
     enc = _encode(model, [Prompt(p.text, None) for p in prompts])
-    rows, pos = single_positions("all", enc[0])
+    rows, pos = joint_single_positions(model, "all", enc)
     orig = _original_embeddings(model, enc, [p.text for p in prompts], known)
     edit, _ = _embeddings(model, enc, deltas)
     templated = torch.tensor([p.prefix is not None for p in prompts])
     per_row = templated[rows]
     groups = {"all": torch.ones_like(per_row), "concepts": per_row, "unrelated": ~per_row}
-    mask = _own_mask(enc[0])
+    mask = own_tokens(model, enc)
     # K and V of every position once per site: the drift reads them position by position, the similarity pooled
     drift: dict[str, dict[str, float]] = {name: {} for name in groups}
     own_sims, window_sims = [], []
@@ -378,6 +391,8 @@ def feature_metrics(
     norms = delta_norms(model, deltas)
     metrics["delta_norm_rel"] = norms
     metrics["delta_norm_total"] = float(sum(d.frobenius_norm() ** 2 for d in deltas.values()) ** 0.5)
-    metrics["delta_norm_kv"] = float(sum(d.frobenius_norm() ** 2 for k, d in deltas.items() if is_kv_key(k)) ** 0.5)
+    metrics["delta_norm_kv"] = float(
+        sum(d.frobenius_norm() ** 2 for k, d in deltas.items() if k in model.kv_weights) ** 0.5
+    )
     metrics["residual_train_per_site"] = train.residuals[token_policy].per_site
     return metrics

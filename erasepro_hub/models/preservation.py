@@ -27,7 +27,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .base import EditModel, TextEncoder
-from .prompts import Encoded, Prompt, encode, single_positions, single_rule
+from .conditioning import joint_single_positions
+from .prompts import Encoded, Prompt, single_positions, single_rule
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def caption_summaries(
     final_stage: str,
     *,
     policy: str,
-    embed: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    embed: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]],
+    pooled_stage: str | None = None,
     rank: int = CAPTION_RANK,
     use_cache: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -146,14 +148,17 @@ def caption_summaries(
 
     ``stages`` maps a stage name to ``(encoder, site module, at_eos)``: the site's inputs are read through the
     original encoder at the positions preservation keeps (:func:`~.prompts.single_positions` under ``policy``;
-    the end-of-text token for ``at_eos`` stages). ``embed`` computes the prompt embedding from the encoders' ids.
+    the end-of-text token for ``at_eos`` stages). ``embed`` computes the prompt embedding and the pooled vector
+    from the encoders' ids; ``pooled_stage`` names the summary of the pooled vectors (families that read it at a
+    denoiser site), if wanted.
     """
-    encoded = [encode(te.tokenizer, captions) for te in model.text_encoders]
+    encoded = model.encode(captions)
     ids = [e.ids for e in encoded]
     where = {name: (te.component, module_name(te, module), at_eos) for name, (te, module, at_eos) in stages.items()}
-    key = _cache_key(model, ids, {**where, final_stage: ("embedding",)}, policy, rank)
+    finals = {final_stage: ("embedding",), **({pooled_stage: ("pooled",)} if pooled_stage else {})}
+    key = _cache_key(model, ids, {**where, **finals}, policy, rank)
     path = cache_dir() / "captions" / f"{key}.safetensors"
-    names = [*stages, final_stage]
+    names = [*stages, *finals]
     if use_cache:
         cached = _load(path, names)
         if cached is not None:
@@ -184,9 +189,11 @@ def caption_summaries(
                 sub = [_rows(e, start, CAPTION_BATCH) for e in encoded]
                 for name, (te, _, at_eos) in stages.items():
                     batch[name] = single_positions("eos" if at_eos else policy, sub[model.text_encoders.index(te)])
-                embeddings = embed(chunk)
-                rows, pos = single_positions(policy, sub[0])
+                embeddings, pooled = embed(chunk)
+                rows, pos = joint_single_positions(model, policy, sub)
                 add(final_stage, embeddings[rows.to(embeddings.device), pos.to(embeddings.device)])
+                if pooled_stage:
+                    add(pooled_stage, pooled)
     finally:
         for handle in handles:
             handle.remove()

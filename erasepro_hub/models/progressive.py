@@ -49,7 +49,15 @@ from torch import nn
 
 from ..errors import ManifestError, PromptError
 from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve
-from .base import EditModel, TextEncoder, get_module, prompt_embeddings, read_length, run_encoder
+from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
+from .conditioning import (
+    compose,
+    compose_segment,
+    joint_pair_positions,
+    joint_single_positions,
+    pooled_vector,
+    read_length,
+)
 from .loading import DTYPES
 from .preservation import caption_summaries
 from .prompts import (
@@ -57,7 +65,6 @@ from .prompts import (
     PairPositions,
     Prompt,
     PromptPair,
-    encode,
     pair_positions,
     single_positions,
 )
@@ -65,6 +72,10 @@ from .prompts import (
 logger = logging.getLogger(__name__)
 
 FINAL_STAGE = "unet.cross_attention"
+#: how an MMDiT's final-stage sites are recorded (the stage reads the transformer's text inputs)
+MMDIT_STAGE = "transformer.text_input"
+#: the caption summary of the pooled vector (families whose pooled vector is read at a denoiser site)
+FINAL_POOLED = "pooled"
 
 
 class RecipeSettings(Protocol):
@@ -156,22 +167,35 @@ class _Stage:
 
 
 @dataclass
-class _Tokens:
-    """Tokenised prompt sets and their constrained positions (identical for every encoder).
+class _EncoderTokens:
+    """One encoder's tokenised prompt sets and constrained positions (in its own window).
 
     ``targets`` holds the exact pairs' target prompts, then the soft pairs'; ``soft`` / ``soft_eos`` mark
     the entries of ``positions`` / ``eos_positions`` that belong to soft pairs.
     """
 
-    targets: list[Encoded]
-    anchors: list[Encoded]
-    preserve: list[Encoded]
+    targets: Encoded
+    anchors: Encoded
+    preserve: Encoded | None
     positions: PairPositions
     eos_positions: PairPositions
     soft: torch.Tensor
     soft_eos: torch.Tensor
     preserve_positions: tuple[torch.Tensor, torch.Tensor]
     preserve_eos: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Tokens:
+    """Every encoder's :class:`_EncoderTokens`, and the final stage's positions in the rows of the prompt
+    embedding (:func:`~.base.joint_pair_positions`; the same as the encoders' own on SD 1.x/2.x/XL)."""
+
+    encoders: list[_EncoderTokens]
+    final: PairPositions
+    final_soft: torch.Tensor
+    final_preserve: tuple[torch.Tensor, torch.Tensor]
+    anchor_rows: torch.Tensor
+    n_exact: int
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -184,45 +208,42 @@ def _bias(module: nn.Linear) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------- planning
-def _tokenize(model: EditModel, plan: ErasurePlan) -> tuple[_Tokens, list[int]]:
+def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
     pairs = plan.pairs + plan.soft_pairs
     anchor_keys: dict[tuple[str, str | None], int] = {}
     anchor_rows = [anchor_keys.setdefault((p.anchor, p.prefix), len(anchor_keys)) for p in pairs]
     anchors = [Prompt(text, prefix) for text, prefix in anchor_keys]
     targets = [Prompt(p.target, p.prefix) for p in pairs]
-    enc_t, enc_a, enc_p, positions, eos_positions, pres, pres_eos = [], [], [], [], [], [], []
-    for te in model.text_encoders:
-        t, a = encode(te.tokenizer, targets), encode(te.tokenizer, anchors)
-        enc_t.append(t)
-        enc_a.append(a)
-        causal = te.arch.causal
-        positions.append(pair_positions(plan.token_policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.recipe.solver.surplus))
-        eos_positions.append(pair_positions("eos", pairs, t, a, anchor_rows, causal=causal))
-        if plan.preserve:
-            p = encode(te.tokenizer, plan.preserve)
-            enc_p.append(p)
-            pres.append(single_positions(plan.token_policy, p))
-            pres_eos.append(single_positions("eos", p))
-    for other in positions[1:]:
-        if not other.equals(positions[0]):
-            raise PromptError(
-                "the two SDXL tokenizers place the constrained tokens at different positions; "
-                "use plain words around the concept"
-            )
-    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     n_exact = len(plan.pairs)
-    tokens = _Tokens(
-        enc_t,
-        enc_a,
-        enc_p,
-        positions[0],
-        eos_positions[-1],
-        positions[0].t_rows >= n_exact,
-        eos_positions[-1].t_rows >= n_exact,
-        pres[0] if pres else empty,
-        pres_eos[-1] if pres_eos else empty,
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    per_encoder = []
+    for te in model.text_encoders:
+        t, a = te.encode(targets), te.encode(anchors)
+        causal, policy = te.arch.causal, plan.token_policy
+        positions = pair_positions(policy, pairs, t, a, anchor_rows, causal=causal, surplus=plan.recipe.solver.surplus)
+        eos = pair_positions("eos", pairs, t, a, anchor_rows, causal=causal)
+        p = te.encode(plan.preserve) if plan.preserve else None
+        per_encoder.append(
+            _EncoderTokens(
+                t, a, p, positions, eos, positions.t_rows >= n_exact, eos.t_rows >= n_exact,
+                single_positions(policy, p) if p is not None else empty,
+                single_positions("eos", p) if p is not None else empty,
+            )
+        )
+    for segment in model.conditioning.segments:  # side by side in the prompt embedding: one position each
+        for i in segment[1:]:
+            if not per_encoder[i].positions.equals(per_encoder[segment[0]].positions):
+                raise PromptError(
+                    f"the tokenizers of {model.text_encoders[segment[0]].component} and "
+                    f"{model.text_encoders[i].component} place the constrained tokens at different positions; "
+                    "use plain words around the concept"
+                )
+    enc_t, enc_a = [e.targets for e in per_encoder], [e.anchors for e in per_encoder]
+    final = joint_pair_positions(model, plan.token_policy, pairs, enc_t, enc_a, anchor_rows, surplus=plan.recipe.solver.surplus)
+    final_preserve = (
+        joint_single_positions(model, plan.token_policy, [e.preserve for e in per_encoder]) if plan.preserve else empty
     )
-    return tokens, anchor_rows
+    return _Tokens(per_encoder, final, final.t_rows >= n_exact, final_preserve, torch.tensor(anchor_rows), n_exact)
 
 
 def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_Stage]]:
@@ -231,6 +252,8 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
     if plan.method != "erasepro":
         return stages
     for te in model.text_encoders:
+        if not te.spec.editable:
+            continue
         usable = te.embed_layers
         first = min(plan.recipe.text_encoder.first_layer, usable - 1)
         depth = usable - first if plan.recipe.text_encoder.depth is None else plan.recipe.text_encoder.depth
@@ -248,7 +271,7 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
             raise ManifestError(
                 f"text_encoder.target_mode: 'stream' is not available for site {plan.recipe.text_encoder.site} of {te.component}"
             )
-        if te.spec.pooled and plan.recipe.text_encoder.pooled == "match":
+        if te.spec.pooled and model.conditioning.pooled_match and plan.recipe.text_encoder.pooled == "match":
             last = te.num_layers - 1
             stages[te.component].append(_Stage(te.site_key(last, "mlp.fc2"), last, "mlp.fc2", "stream", eos=True))
     return stages
@@ -314,8 +337,11 @@ def _caption_summaries(model: EditModel, plan: ErasurePlan, stages: dict[str, li
         for te in model.text_encoders
         for stage in stages[te.component]
     }
-    embed = lambda ids: prompt_embeddings(model, ids)[0]  # noqa: E731
-    return caption_summaries(model, plan.captions, sites, FINAL_STAGE, policy=plan.token_policy, embed=embed)
+    embed = partial(prompt_embeddings, model)
+    pooled = FINAL_POOLED if model.pooled_weights else None
+    return caption_summaries(
+        model, plan.captions, sites, FINAL_STAGE, policy=plan.token_policy, embed=embed, pooled_stage=pooled
+    )
 
 
 def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -337,8 +363,9 @@ def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> tor
     return ids if length is None else ids[:, :length]
 
 
-def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens) -> tuple[dict, torch.Tensor]:
-    """Through the original encoder: what each stage's targets need, and the anchors' prompt embedding."""
+def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _EncoderTokens) -> tuple[dict, tuple]:
+    """Through the original encoder: what each stage's targets need, and the anchors' ``(sequence output, pooled
+    output)``."""
     captured: dict[str, torch.Tensor] = {}
 
     def site_hook(stage: _Stage, pos: PairPositions, mod, args, output):
@@ -365,16 +392,16 @@ def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, t
                 else:
                     handle = point.register_forward_pre_hook(partial(in_hook, stage, pos))
             hooks.callback(handle.remove)
-        embeds, _ = run_encoder(te, _window(te, ids, tokens.positions.a_pos, tokens.eos_positions.a_pos))
-    return captured, embeds
+        outputs = run_encoder(te, _window(te, ids, tokens.positions.a_pos, tokens.eos_positions.a_pos))
+    return captured, outputs
 
 
 def _preserve_captures(
-    te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _Tokens
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _EncoderTokens
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple]:
     """Through the original encoder: each stage's preserve inputs ``P`` and ``W P`` (``d × M``, ``m × M``, in the
-    model's dtype: every stage's are held until the target pass reaches it), and the preserve prompts' prompt
-    embedding.
+    model's dtype: every stage's are held until the target pass reaches it), and the preserve prompts'
+    ``(sequence output, pooled output)``.
 
     Preservation keeps the inputs the preserve prompts have in the **original** model, as the caption summary
     does (:mod:`.preservation`): what should stay is what the model did before the erasure, and the preserve
@@ -393,8 +420,8 @@ def _preserve_captures(
         for stage in stages:
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(hook, stage)).remove)
-        embeds, _ = run_encoder(te, _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1]))
-    return captured, embeds
+        outputs = run_encoder(te, _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1]))
+    return captured, outputs
 
 
 @dataclass(frozen=True)
@@ -445,11 +472,11 @@ def _target_pass(
     ids: torch.Tensor,
     anchor_caps: dict,
     preserve_caps: dict,
-    tokens: _Tokens,
+    tokens: _EncoderTokens,
     plan: ErasurePlan,
     recorder: _Recorder,
     summaries: dict[str, torch.Tensor],
-) -> torch.Tensor:
+) -> tuple:
     """The target prompts through the encoder, solving each stage as the forward pass reaches it.
 
     The hooks only gather and apply: at a stage's site, the forward hook gathers what :func:`_solve_stage`
@@ -490,8 +517,55 @@ def _target_pass(
                 hooks.callback(point.register_forward_pre_hook(partial(stash_hook, stage, index)).remove)
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(solve_hook, stage)).remove)
-        embeds, _ = run_encoder(te, _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos))
-    return embeds
+        return run_encoder(te, _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos))
+
+
+def _gather_joint(model: EditModel, sequences: list[torch.Tensor], lengths: list[int], rows: torch.Tensor, pos: torch.Tensor):
+    """Rows of the prompt embedding (:func:`~.base.compose`) at ``(rows, pos)``, read from the encoders' sequence
+    outputs, which a causal pass may have cut short: each segment's rows start at the sum of the earlier
+    segments' full windows (``lengths``)."""
+    layout = model.conditioning
+    if len(layout.segments) == 1:
+        return _gather(compose(model, sequences), rows, pos)
+    out = None
+    offset = 0
+    for segment in layout.segments:
+        inside = (pos >= offset) & (pos < offset + lengths[segment[0]])
+        part = compose_segment(model, [sequences[i] for i in segment])
+        values = _gather(part, rows[inside], pos[inside] - offset)
+        if out is None:
+            out = values.new_zeros((len(pos), values.shape[-1]))
+        out[inside.to(out.device)] = values
+        offset += lengths[segment[0]]
+    return out
+
+
+def _final_sites(
+    plan: ErasurePlan,
+    weights: dict[str, torch.Tensor],
+    Xm: torch.Tensor,
+    Ym: torch.Tensor,
+    Pm: torch.Tensor | None,
+    soft: torch.Tensor,
+    summary: torch.Tensor | None,
+    recorder: _Recorder,
+    stage: str,
+) -> None:
+    """Sites that read the same rows (the prompt embedding's, or the pooled vector's): one factorisation, then
+    ``T = W Y``, ``W X`` and ``W P`` per site at the precision the pipeline computes them (its dtype)."""
+    X, V = _split(Xm.double(), soft)
+    fact = _factorize(
+        plan, X, Pm.double().T if Pm is not None else None, soft=summary, soft_targets=V, uce=plan.method == "uce"
+    )
+    for key, weight in weights.items():
+        T, T_soft = _split((Ym @ weight.T).double(), soft)
+        WX, WV = _split((Xm @ weight.T).double(), soft)
+        WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
+        result = solve(
+            fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=key,
+            WX=WX, WP=WP, T_soft=T_soft, WV=WV,
+        )
+        recorder.add(key, stage, result)
 
 
 @torch.no_grad()
@@ -509,73 +583,64 @@ def solve_erasure(
     :data:`FINAL_STAGE`).
     """
     start = time.perf_counter()
-    tokens, _ = _tokenize(model, plan)
+    tokens = _tokenize(model, plan)
     plan_stages = text_encoder_stages(model, plan)
     if stages is not None:
-        stages(sum(len(s) for s in plan_stages.values()) + 1)  # the text-encoder stages, then the K/V stage
+        stages(sum(len(s) for s in plan_stages.values()) + 1)  # the text-encoder stages, then the final stage
     recorder = _Recorder(progress)
     n_targets = len(plan.pairs) + len(plan.soft_pairs)
-    x_parts, y_parts, p_parts, p_embeds = [], [], [], []
+    edited, original, preserved = [], [], []  # per encoder: (sequence output, pooled output)
     timings: dict[str, float] = {"tokenize": time.perf_counter() - start}
     t0 = time.perf_counter()
     summaries = _caption_summaries(model, plan, plan_stages)
     timings["captions"] = time.perf_counter() - t0
-    for index, te in enumerate(model.text_encoders):
+    for te, tok in zip(model.text_encoders, tokens.encoders):
         te_stages = plan_stages[te.component]
         t0 = time.perf_counter()
-        anchor_caps, anchor_embeds = _anchor_captures(te, te_stages, tokens.anchors[index].ids, tokens)
+        anchor_caps, anchor_out = _anchor_captures(te, te_stages, tok.anchors.ids, tok)
+        original.append(anchor_out)
         timings[f"{te.component}.anchor_pass"] = time.perf_counter() - t0
         preserve_caps: dict = {}
         if plan.preserve:
             t0 = time.perf_counter()
-            preserve_caps, preserve_embeds = _preserve_captures(te, te_stages, tokens.preserve[index].ids, tokens)
+            preserve_caps, preserve_out = _preserve_captures(te, te_stages, tok.preserve.ids, tok)
+            preserved.append(preserve_out)
             timings[f"{te.component}.preserve_pass"] = time.perf_counter() - t0
-            rows, cols = tokens.preserve_positions
-            p_parts.append(_gather(preserve_embeds, rows, cols))
-            p_embeds.append(preserve_embeds)
         t0 = time.perf_counter()
-        embeds = _target_pass(
-            te, te_stages, tokens.targets[index].ids, anchor_caps, preserve_caps, tokens, plan, recorder, summaries
-        )
+        edited.append(_target_pass(te, te_stages, tok.targets.ids, anchor_caps, preserve_caps, tok, plan, recorder, summaries))
         timings[f"{te.component}.target_pass"] = time.perf_counter() - t0
-        pos = tokens.positions
-        x_parts.append(_gather(embeds, pos.t_rows, pos.t_pos))
-        y_parts.append(_gather(anchor_embeds, pos.a_rows, pos.a_pos))
 
     t0 = time.perf_counter()
     # rows of the prompt embedding at the constrained positions (pipeline dtype); the solver works on columns
-    Xm, Ym = torch.cat(x_parts, dim=-1), torch.cat(y_parts, dim=-1)
-    Pm = torch.cat(p_parts, dim=-1) if p_parts else None
-    X, V = _split(Xm.double(), tokens.soft)
-    fact = _factorize(
-        plan, X, Pm.double().T if Pm is not None else None, soft=summaries.get(FINAL_STAGE), soft_targets=V,
-        uce=plan.method == "uce",
-    )
-    # T = W Y, W X and W P at the precision the pipeline computes them (its dtype), then float64
-    for key, weight in model.kv_weights.items():
-        T, T_soft = _split((Ym @ weight.T).double(), tokens.soft)
-        WX, WV = _split((Xm @ weight.T).double(), tokens.soft)
-        WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
-        result = solve(
-            fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=key, WX=WX, WP=WP,
-            T_soft=T_soft, WV=WV,
-        )
-        recorder.add(key, FINAL_STAGE, result)
+    lengths = [tok.targets.length for tok in tokens.encoders]
+    final = tokens.final
+    joint = partial(_gather_joint, model, lengths=lengths)
+    Xm = joint([o[0] for o in edited], rows=final.t_rows, pos=final.t_pos)
+    Ym = joint([o[0] for o in original], rows=final.a_rows, pos=final.a_pos)
+    Pm = joint([o[0] for o in preserved], rows=tokens.final_preserve[0], pos=tokens.final_preserve[1]) if preserved else None
+    stage = MMDIT_STAGE if model.conditioning.sequence_sites else FINAL_STAGE
+    _final_sites(plan, model.kv_weights, Xm, Ym, Pm, tokens.final_soft, summaries.get(FINAL_STAGE), recorder, stage)
+    if model.pooled_weights:  # one row per prompt: the pooled vector
+        Xp = pooled_vector(model, [o[1] for o in edited])
+        Yp = pooled_vector(model, [o[1] for o in original])[tokens.anchor_rows]
+        Pp = pooled_vector(model, [o[1] for o in preserved]) if preserved else None
+        soft = torch.arange(n_targets) >= tokens.n_exact
+        _final_sites(plan, model.pooled_weights, Xp, Yp, Pp, soft, summaries.get(FINAL_POOLED), recorder, stage)
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0
     stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
-    original = {}
-    if p_embeds and all(e.shape[1] == tokens.preserve[0].length for e in p_embeds):
-        joined = torch.cat(p_embeds, dim=-1)
-        original = {prompt.text: joined[i] for i, prompt in enumerate(plan.preserve)}
+    kept = {}
+    if preserved and all(o[0].shape[1] == length for o, length in zip(preserved, [tok.preserve.length for tok in tokens.encoders])):
+        joined = compose(model, [o[0] for o in preserved])
+        kept = {prompt.text: joined[i] for i, prompt in enumerate(plan.preserve)}
     return ErasureSolution(
         sites=recorder.sites,
         stages=stage_names,
         n_pairs=n_targets,
-        n_constrained_tokens=int((~tokens.soft).sum()),
+        n_constrained_tokens=int((~tokens.final_soft).sum()),
         seconds=time.perf_counter() - start,
         timings=timings,
-        original_embeddings=original,
+        original_embeddings=kept,
     )
 
 

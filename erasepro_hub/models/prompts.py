@@ -144,9 +144,9 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
-def encode(tokenizer, prompts: Sequence[Prompt]) -> Encoded:
-    """Tokenise like the diffusers pipelines do: pad to ``model_max_length``, truncate."""
-    length = int(tokenizer.model_max_length)
+def encode(tokenizer, prompts: Sequence[Prompt], *, length: int | None = None) -> Encoded:
+    """Tokenise like the diffusers pipelines do: pad to ``length`` (default: ``model_max_length``), truncate."""
+    length = int(length or tokenizer.model_max_length)
     texts = [p.text for p in prompts]
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     full = tokenizer(texts, truncation=False).input_ids if texts else []
