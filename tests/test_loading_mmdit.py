@@ -262,3 +262,56 @@ def test_a_folder_with_a_bfloat16_t5_solves_in_float32(saved, name):
     assert set(final) == {"transformer.context_embedder", "transformer.time_text_embed.text_embedder.linear_1"}
     # zero residual on the T5 outputs as the bfloat16 T5 computes them (up-cast exactly)
     assert max(r.residual for r in final.values()) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- a T5-style tokenizer
+def _t5_style_tokenizer(words):
+    """A SentencePiece-like tokenizer as T5's is (Unigram pieces with ``▁`` word marks, no BOS, ``</s>`` appended,
+    ``<pad>`` = 0), built in code over ``words`` and single characters (nothing is downloaded)."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -5.0) for w in sorted(words)]
+    pieces += [(p + c, score) for c in string.ascii_letters + string.punctuation for p, score in (("", -12.0), ("▁", -11.0))]
+    pieces = list(dict((p, s) for p, s in pieces).items())
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def test_a_t5_style_tokenizer_loads_encodes_like_the_pipeline_and_solves(tmp_path):
+    """The T5 slot with a T5-style tokenizer (not the builtin's CLIP one): no BOS, ``▁`` pieces, ``</s>``."""
+    import yaml
+
+    from conftest import DEMO
+    from erasepro_hub.erase import compute
+    from erasepro_hub.manifest import parse_manifest
+
+    text = DEMO.read_text()
+    words = set(text.replace("{}", " ").replace('"', " ").replace(",", " ").split())
+    pipe = build_builtin("tiny-sd3")
+    pipe.register_modules(tokenizer_3=_t5_style_tokenizer(words))
+    pipe.save_pretrained(tmp_path / "sd3", safe_serialization=True)
+    model = load_edit_model(tmp_path / "sd3")
+    assert type(model.text_encoders[2].tokenizer).__name__.startswith("T5Tokenizer")
+    prompts = ["a painting by Vincent van Gogh", "a photo of a dog on a beach"]
+    ids = [te.encode([Prompt(p) for p in prompts]).ids for te in model.text_encoders]
+    assert ids[2][0, 0] != ids[0][0, 0]  # no BOS in the T5 slot
+    embeds, pooled = prompt_embeddings(model, ids)
+    expected, _, expected_pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+    assert torch.allclose(embeds, expected, atol=1e-5) and torch.allclose(pooled, expected_pooled, atol=1e-5)
+    data = yaml.safe_load(text)
+    data["base_model"] = {"id": str(tmp_path / "sd3")}
+    data["preserve"]["captions"] = "none"
+    comp = compute(parse_manifest(yaml.safe_dump(data)).recipe())
+    final = {s.key: s.report for s in comp.solution.sites if s.key.startswith("transformer.")}
+    assert max(r.residual for r in final.values()) <= 1e-5
+    # the T5 rows count: more constraints than the CLIP rows alone give (a bidirectional prefix is paired too)
+    clip_only = next(s.report for s in comp.solution.sites if s.key.startswith("text_encoder.")).n_constraints
+    assert final["transformer.context_embedder"].n_constraints > clip_only

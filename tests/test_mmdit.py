@@ -126,6 +126,8 @@ def test_manifest_and_card_name_the_family(erased):
     assert manifest.outputs.family == family
     card = (folder / "README.md").read_text()
     assert f"- {family}\n" in card and f"- {family}-diffusers\n" in card
+    # the card speaks of the transformer's text inputs, not of a UNet's keys and values
+    assert "context_embedder" in card and "UNet" not in card and "to_k" not in card and "K/V" not in card
     # the final stage's sites are reported with their capacity (the transformer's text width)
     sites = {s.name: s for s in manifest.outputs.sites}
     context = sites["transformer.context_embedder"]

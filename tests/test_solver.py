@@ -64,6 +64,17 @@ def test_orthogonal_inputs_unchanged(problem):
     assert float(torch.linalg.norm(delta.dense() @ outside)) <= 1e-10 * float(torch.linalg.norm(delta.dense()))
 
 
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (7, 7)])
+def test_frobenius_norm_of_the_identity_factor_form(shape):
+    """``from_dense`` writes an identity factor; its norm is the dense matrix's, without the Gram products."""
+    dense = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    delta = LowRankDelta.from_dense(dense)
+    assert abs(delta.frobenius_norm() - float(torch.linalg.norm(dense))) <= 1e-12 * float(torch.linalg.norm(dense))
+    # a square factor that is not the identity takes the general formula, and agrees with the dense norm
+    scaled = LowRankDelta(2.0 * delta.B, delta.A)
+    assert abs(scaled.frobenius_norm() - 2.0 * float(torch.linalg.norm(dense))) <= 1e-12 * float(torch.linalg.norm(dense))
+
+
 def test_factors_are_exact_low_rank(problem):
     W, X, T = problem
     delta = erasepro_update(W, X, T).delta

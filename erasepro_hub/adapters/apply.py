@@ -6,8 +6,8 @@ shape, that no erasure or LoRA layer already sits on those modules, and (unless
 ``verify_base=False``) that the pipeline's weights are the ones the erasure was computed from.
 Then it applies the erasure
 
-* through diffusers' own LoRA machinery wherever diffusers can load the file (SD 1.x/2.x/XL with
-  CLIP text encoders): ``pipe.load_lora_weights(folder, adapter_name=...)`` — the erasure is an
+* through diffusers' own LoRA machinery wherever diffusers can load the file (SD 1.x/2.x/XL, SD 3 and FLUX.1
+  with CLIP text encoders): ``pipe.load_lora_weights(folder, adapter_name=...)`` — the erasure is an
   adapter diffusers knows (``get_list_adapters``, ``set_adapters``, ``fuse_lora``,
   ``unload_lora_weights`` all see it); ``fuse=True`` fuses it at scale 1. Afterwards every site is
   checked to carry the adapter at scale 1, or the load is undone and refused;

@@ -277,6 +277,8 @@ LORA_COMPONENTS = {
         ("text_encoder", "CLIPTextModel", "the text encoder"),
     ),
 }
+#: The families whose denoiser is an MMDiT: the final stage is the transformer's text-input linears, not K/V
+MMDIT_FAMILIES = ("sd3", "flux")
 #: The diffusers pipeline class of each family (the card's usage snippet)
 PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLPipeline",
@@ -338,8 +340,11 @@ def card_context(
     license_ = outputs.base_license if outputs is not None else None
     name = manifest.name or "erasure"
     widget = sample_widget(manifest)
+    mmdit = family in MMDIT_FAMILIES
+    feature = "text-input" if mmdit else "K/V"  # what the residual, drift and similarity rows measure
     front = card_metadata(
-        model_name=name, base_model=hub_base, license=license_, tags=card_tags(family), metrics=metrics, widget=widget
+        model_name=name, base_model=hub_base, license=license_, tags=card_tags(family), metrics=metrics, widget=widget,
+        feature=feature,
     )
     usage = {
         "pipeline_class": PIPELINE_CLASSES.get(family, "StableDiffusionPipeline"),
@@ -352,7 +357,7 @@ def card_context(
     sites = outputs.sites if outputs is not None else []
     baseline = metrics.get("baseline_uce") or {}
     rows = [
-        {"name": label, "value": _fmt(float(metrics[key])),
+        {"name": label.replace("K/V", feature), "value": _fmt(float(metrics[key])),
          "baseline": _fmt(float(baseline[key])) if baseline.get(key) is not None else "–"}
         for key, label in METRIC_ROWS
         if metrics.get(key) is not None
@@ -379,6 +384,7 @@ def card_context(
         },
         "method": manifest.method,
         "family": family,
+        "mmdit": mmdit,
         "concepts": [{"target": c.target, "anchor": c.anchor} for c in manifest.concepts],
         "n_sites": sum(1 for s in sites if s.update_rank),
         "n_te_sites": sum(1 for s in sites if s.update_rank and s.name.startswith("text_encoder")),

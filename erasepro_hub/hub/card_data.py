@@ -53,8 +53,12 @@ def card_metadata(
     tags: list[str],
     metrics: dict[str, Any],
     widget: list[dict[str, Any]] | None = None,
+    feature: str = "K/V",
 ) -> dict[str, Any]:
     """The front matter as a plain dict (``base_model`` only for Hub base models).
+
+    ``feature``: what the metrics compare, in their names — ``K/V`` (a UNet's cross-attention keys and values)
+    or ``text-input`` (an MMDiT's ``context_embedder`` output).
 
     ``widget``: ``[{"text": prompt, "output": {"url": file}}]`` for sample images that are part of the
     release; ``None`` or empty writes no ``widget`` key.
@@ -68,7 +72,7 @@ def card_metadata(
             dataset_type=f"erasepro-{dataset}-prompts",
             dataset_name=f"{dataset} prompts",
             metric_type=key,
-            metric_name=name,
+            metric_name=name.replace("K/V", feature),
             metric_value=float(metrics[key]),
         )
         for key, dataset, name in CARD_METRICS

@@ -101,7 +101,7 @@ def _embeddings(
     """``(prompt embedding, pooled)`` through the original encoders, or the edited ones with ``deltas``.
 
     ``length`` cuts the window after that many positions (only for causal encoders, where the positions before
-    the cut do not depend on what follows; see :func:`~erasepro_hub.models.base.read_length`).
+    the cut do not depend on what follows; see :func:`~erasepro_hub.models.conditioning.read_length`).
     """
     ids = [e.ids if length is None else e.ids[:, :length] for e in encoded]
     if not deltas:
@@ -315,12 +315,15 @@ def measure_prompts(
     return PromptMeasures({name: SiteResiduals(v) for name, v in drift.items()}, own, window, templated)
 
 
-def delta_norms(model: EditModel, deltas: Mapping[str, LowRankDelta]) -> dict[str, float]:
-    """``||ΔW||_F / ||W||_F`` per site."""
+def delta_norms(
+    model: EditModel, deltas: Mapping[str, LowRankDelta], absolute: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """``||ΔW||_F / ||W||_F`` per site (``absolute``: the ``||ΔW||_F`` already computed, by site)."""
     norms = {}
     for key, delta in deltas.items():
         weight_norm = float(torch.linalg.norm(model.weight(key).double()))
-        norms[key] = delta.frobenius_norm() / weight_norm if weight_norm > 0 else float("inf")
+        value = absolute[key] if absolute is not None else delta.frobenius_norm()
+        norms[key] = value / weight_norm if weight_norm > 0 else float("inf")
     return norms
 
 
@@ -388,11 +391,9 @@ def feature_metrics(
     else:
         metrics.update({"preserve_drift": None, "preserve_drift_k": None, "preserve_drift_v": None,
                         "drift_preserve_concepts": None, "drift_unrelated": None})
-    norms = delta_norms(model, deltas)
-    metrics["delta_norm_rel"] = norms
-    metrics["delta_norm_total"] = float(sum(d.frobenius_norm() ** 2 for d in deltas.values()) ** 0.5)
-    metrics["delta_norm_kv"] = float(
-        sum(d.frobenius_norm() ** 2 for k, d in deltas.items() if k in model.kv_weights) ** 0.5
-    )
+    absolute = {key: delta.frobenius_norm() for key, delta in deltas.items()}  # once per site
+    metrics["delta_norm_rel"] = delta_norms(model, deltas, absolute)
+    metrics["delta_norm_total"] = float(sum(v**2 for v in absolute.values()) ** 0.5)
+    metrics["delta_norm_kv"] = float(sum(v**2 for k, v in absolute.items() if k in model.kv_weights) ** 0.5)
     metrics["residual_train_per_site"] = train.residuals[token_policy].per_site
     return metrics

@@ -8,6 +8,10 @@ family's denoiser reads its encoders is data (:mod:`.conditioning`). It is built
 tensors (:func:`erasepro_hub.models.loading.load_edit_model`).
 
 Sites are named by their LoRA module keys (:mod:`erasepro_hub.naming`).
+
+Why one module of this length: the family tables (:data:`FAMILIES`), the model view built from them and
+the encoder run that reads them are one contract — what a spec says (``embed``, ``pooled``, ``editable``) is
+exactly what :func:`run_encoder` and :meth:`EditModel.from_pipeline` do with it.
 """
 
 from __future__ import annotations
@@ -289,18 +293,24 @@ def sd_family(hidden_size: int | None, pad_token: str | None) -> str:
 
 
 def detect_family_from_pipeline(pipe) -> str:
+    name = type(pipe).__name__
+    for prefix, family in (("StableDiffusion3", "sd3"), ("Flux", "flux")):
+        if name.startswith(prefix):
+            missing = [s.component for s in FAMILIES[family] if getattr(pipe, s.component, None) is None]
+            missing += [] if getattr(pipe, "transformer", None) is not None else ["transformer"]
+            if missing:
+                raise UnsupportedModelError(
+                    f"{name} without {', '.join(missing)}: erasepro_hub reads every text encoder and the transformer; "
+                    "load the pipeline with all its components"
+                )
+            return family
     if getattr(pipe, "transformer", None) is not None:
-        name = type(pipe).__name__
-        if name.startswith("StableDiffusion3"):
-            return "sd3"
-        if name.startswith("Flux"):
-            return "flux"
         raise UnsupportedModelError(f"{name}: erasepro_hub edits {SUPPORTED}")
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     te = getattr(pipe, "text_encoder", None)
     if te is None:
-        raise UnsupportedModelError(f"{type(pipe).__name__} has no text encoder; expected an SD 1.x/2.x/XL pipeline")
+        raise UnsupportedModelError(f"{name} has no text encoder; expected an SD 1.x/2.x/XL, SD 3 or FLUX.1 pipeline")
     return sd_family(te.config.hidden_size, getattr(pipe.tokenizer, "pad_token", None))
 
 

@@ -62,7 +62,7 @@ CONDITIONING: dict[str, Conditioning] = {
 def compose_segment(model: EditModel, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
     """One segment of the prompt embedding: its encoders' sequence outputs side by side, zero-padded to the
     denoiser's width where the family pads (SD 3)."""
-    # a 16-bit T5 beside float32 CLIPs: its outputs up-cast to the model's dtype (exact)
+    # a 16-bit T5 beside float32 CLIPs: its outputs cast to the model's dtype (exact when that is float32)
     sequences = [s.to(model.dtype) for s in sequences]
     part = sequences[0] if len(sequences) == 1 else torch.cat(sequences, dim=-1)
     if model.conditioning.pad and part.shape[-1] < model.cross_attention_dim:

@@ -188,7 +188,7 @@ class _EncoderTokens:
 @dataclass
 class _Tokens:
     """Every encoder's :class:`_EncoderTokens`, and the final stage's positions in the rows of the prompt
-    embedding (:func:`~.base.joint_pair_positions`; the same as the encoders' own on SD 1.x/2.x/XL)."""
+    embedding (:func:`~.conditioning.joint_pair_positions`; the same as the encoders' own on SD 1.x/2.x/XL)."""
 
     encoders: list[_EncoderTokens]
     final: PairPositions
@@ -357,7 +357,7 @@ def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
     """``ids`` cut after the last position any of ``positions`` reads, where that changes nothing
-    (:func:`~.base.read_length`): the target and anchor passes of a ``concept-eos`` solve read a few tokens of a
+    (:func:`~.conditioning.read_length`): the target and anchor passes of a ``concept-eos`` solve read a few tokens of a
     77-token window."""
     length = read_length(te.arch.causal, *positions)
     return ids if length is None else ids[:, :length]
@@ -521,7 +521,7 @@ def _target_pass(
 
 
 def _gather_joint(model: EditModel, sequences: list[torch.Tensor], lengths: list[int], rows: torch.Tensor, pos: torch.Tensor):
-    """Rows of the prompt embedding (:func:`~.base.compose`) at ``(rows, pos)``, read from the encoders' sequence
+    """Rows of the prompt embedding (:func:`~.conditioning.compose`) at ``(rows, pos)``, read from the encoders' sequence
     outputs, which a causal pass may have cut short: each segment's rows start at the sum of the earlier
     segments' full windows (``lengths``)."""
     layout = model.conditioning
@@ -630,7 +630,8 @@ def solve_erasure(
     timings["final_stage"] = time.perf_counter() - t0
     stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
     kept = {}
-    if preserved and all(o[0].shape[1] == length for o, length in zip(preserved, [tok.preserve.length for tok in tokens.encoders])):
+    read = [i for segment in model.conditioning.segments for i in segment]  # encoders whose sequence is read
+    if preserved and all(preserved[i][0].shape[1] == tokens.encoders[i].preserve.length for i in read):
         joined = compose(model, [o[0] for o in preserved])
         kept = {prompt.text: joined[i] for i, prompt in enumerate(plan.preserve)}
     return ErasureSolution(

@@ -70,9 +70,14 @@ class LowRankDelta:
         return (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
 
     def frobenius_norm(self) -> float:
-        """``||B A||_F`` without forming the dense product: ``sqrt(tr((BᵀB)(AAᵀ)))``."""
+        """``||B A||_F`` without forming the dense product: ``sqrt(tr((BᵀB)(AAᵀ)))``, or the other factor's own
+        norm where one factor is the identity (:meth:`from_dense`: the Gram form would cost a ``d × d`` product)."""
         b = self.B.double()
         a = self.A.double()
+        if _is_identity(b):
+            return float(torch.linalg.norm(a))
+        if _is_identity(a):
+            return float(torch.linalg.norm(b))
         value = torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0.0)
         return float(value.sqrt())
 
@@ -179,3 +184,10 @@ class LowRankDelta:
     def zeros(m: int, d: int, dtype: torch.dtype = torch.float64) -> "LowRankDelta":
         """The rank-0 (zero) update of shape ``(m, d)``."""
         return LowRankDelta(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, d, dtype=dtype))
+
+
+def _is_identity(t: Tensor) -> bool:
+    """A square factor equal to the identity (the form :meth:`LowRankDelta.from_dense` writes)."""
+    if t.ndim != 2 or t.shape[0] != t.shape[1]:
+        return False
+    return bool(torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype, device=t.device)))
