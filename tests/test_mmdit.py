@@ -100,6 +100,9 @@ def test_plain_load_lora_weights_makes_targets_read_as_their_anchors(erased):
     # the metric written at erase time measures the same thing
     metrics = load_manifest(folder / "erasepro.yaml").metrics
     assert metrics["residual_train"] <= TOL and metrics["pooled_residual_train"] <= TOL
+    # and the plainly loaded pipeline generates (2 steps; shape only)
+    image = plain("a painting by Vincent van Gogh", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
 
 
 def test_our_loader_agrees_and_an_image_is_generated(erased):
