@@ -11,7 +11,7 @@ token positions (:mod:`.prompts`) to rows of it, for the final stage and every m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -105,9 +105,19 @@ def joint_pair_positions(
 ) -> PairPositions:
     """:func:`~.prompts.pair_positions` in the rows of the prompt embedding: each segment's pairs (by its own
     tokenizer; a bidirectional encoder's prefix included), shifted by where the segment starts."""
+    found = {
+        first: pair_positions(policy, pairs, target[first], anchor[first], anchor_rows, causal=causal, surplus=surplus)
+        for first, _, causal in _segments(model, target)
+    }
+    return join_pairs(model, target, found)
+
+
+def join_pairs(model: EditModel, encoded: Sequence[Encoded], positions: Mapping[int, PairPositions]) -> PairPositions:
+    """Pair positions in the rows of the prompt embedding from each segment's own (``positions[i]``: those of
+    encoder ``i``, the segment's first), shifted by where the segment starts."""
     found = []
-    for first, offset, causal in _segments(model, target):
-        p = pair_positions(policy, pairs, target[first], anchor[first], anchor_rows, causal=causal, surplus=surplus)
+    for first, offset, _ in _segments(model, encoded):
+        p = positions[first]
         found.append(PairPositions(p.t_rows, p.t_pos + offset, p.a_rows, p.a_pos + offset))
     if len(found) == 1:
         return found[0]

@@ -53,7 +53,7 @@ from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_enc
 from .conditioning import (
     compose,
     compose_segment,
-    joint_pair_positions,
+    join_pairs,
     joint_single_positions,
     pooled_vector,
     read_length,
@@ -188,7 +188,7 @@ class _EncoderTokens:
 @dataclass
 class _Tokens:
     """Every encoder's :class:`_EncoderTokens`, and the final stage's positions in the rows of the prompt
-    embedding (:func:`~.conditioning.joint_pair_positions`; the same as the encoders' own on SD 1.x/2.x/XL)."""
+    embedding (:func:`~.conditioning.join_pairs`; the same as the encoders' own on SD 1.x/2.x/XL)."""
 
     encoders: list[_EncoderTokens]
     final: PairPositions
@@ -238,8 +238,8 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
                     f"{model.text_encoders[i].component} place the constrained tokens at different positions; "
                     "use plain words around the concept"
                 )
-    enc_t, enc_a = [e.targets for e in per_encoder], [e.anchors for e in per_encoder]
-    final = joint_pair_positions(model, plan.token_policy, pairs, enc_t, enc_a, anchor_rows, surplus=plan.recipe.solver.surplus)
+    # the final stage's rows: each segment's own positions, shifted (the alignment is not computed again)
+    final = join_pairs(model, [e.targets for e in per_encoder], {i: e.positions for i, e in enumerate(per_encoder)})
     final_preserve = (
         joint_single_positions(model, plan.token_policy, [e.preserve for e in per_encoder]) if plan.preserve else empty
     )
@@ -524,12 +524,9 @@ def _gather_joint(model: EditModel, sequences: list[torch.Tensor], lengths: list
     """Rows of the prompt embedding (:func:`~.conditioning.compose`) at ``(rows, pos)``, read from the encoders' sequence
     outputs, which a causal pass may have cut short: each segment's rows start at the sum of the earlier
     segments' full windows (``lengths``)."""
-    layout = model.conditioning
-    if len(layout.segments) == 1:
-        return _gather(compose(model, sequences), rows, pos)
     out = None
     offset = 0
-    for segment in layout.segments:
+    for segment in model.conditioning.segments:
         inside = (pos >= offset) & (pos < offset + lengths[segment[0]])
         part = compose_segment(model, [sequences[i] for i in segment])
         values = _gather(part, rows[inside], pos[inside] - offset)
