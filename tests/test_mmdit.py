@@ -136,3 +136,14 @@ def test_manifest_and_card_name_the_family(erased):
     context = sites["transformer.context_embedder"]
     assert list(context.shape)[1] == MMDIT_TEXT_WIDTH and 0 < context.n_constraints <= MMDIT_TEXT_WIDTH
     assert {s.stage for s in sites.values() if s.name.startswith("transformer.")} == {"transformer.text_input"}
+
+
+@pytest.mark.parametrize("builtin, component", [("tiny-sd3", "transformer"), ("tiny-sd3", "text_encoder_3"),
+                                                ("tiny-flux", "text_encoder_2")])
+def test_a_pipeline_without_a_component_is_refused_by_name(builtin, component):
+    from erasepro_hub.errors import UnsupportedModelError
+
+    pipe = fresh(builtin)
+    setattr(pipe, component, None)
+    with pytest.raises(UnsupportedModelError, match=f"without {component}"):
+        EditModel.from_pipeline(pipe)
