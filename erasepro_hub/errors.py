@@ -100,9 +100,9 @@ class CapacityWarning(EraseProWarning):
     """The constraints were dependent or beyond a site's capacity; a least-squares answer was used."""
 
 
-def warn(message: str, category: type[Warning] = EraseProWarning) -> None:
-    """Emit a warning attributed to the caller of the library function."""
-    warnings.warn(message, category, stacklevel=3)
+def warn(message: str, category: type[Warning] = EraseProWarning, *, depth: int = 1) -> None:
+    """Emit a warning attributed to the caller of the library function (``depth`` frames above ``warn``'s caller)."""
+    warnings.warn(message, category, stacklevel=2 + depth)
 
 
 __all__ = [

@@ -12,7 +12,9 @@ from erasepro_hub.solver import (
     LowRankDelta,
     erasepro_update,
     factorize_zero_residual,
+    factorize_uce,
     solve,
+    solve_shared,
     uce_update,
 )
 
@@ -367,3 +369,100 @@ def test_many_soft_targets_on_one_site_give_the_same_update(problem, mode):
     metric = torch.eye(d, dtype=torch.float64) + lam * V @ V.T + (wp * P @ P.T if mode == "soft" else 0)
     expected = _kkt(W, X, T, metric=metric, lam=lam, V=V, T_soft=T_soft, exact_P=P if mode == "exact" else None)
     assert rel(one.delta.dense(), expected) <= 1e-9
+
+
+# ----------------------------------------------------------------------------- sites that want W Y
+def _shared_problem(n_soft: int, seed: int = 5):
+    """Three sites of different widths reading the same inputs, wanting ``W Y`` (and ``W Y_soft``)."""
+    g = torch.Generator().manual_seed(seed)
+    d, n = 24, 5
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    Y = torch.randn(d, n, generator=g, dtype=torch.float64)
+    V = torch.randn(d, n_soft, generator=g, dtype=torch.float64) if n_soft else None
+    Y_soft = torch.randn(d, n_soft, generator=g, dtype=torch.float64) if n_soft else None
+    P = torch.randn(d, 8, generator=g, dtype=torch.float64)
+    S = torch.randn(d, 6, generator=g, dtype=torch.float64)
+    weights = {f"site{m}": torch.randn(m, d, generator=g, dtype=torch.float64) for m in (7, 24, 40)}
+    return X, Y, V, Y_soft, P, S, weights
+
+
+@pytest.mark.parametrize("n_soft", [0, 3, 60])  # none, the factor form, wider than the input (dense form)
+@pytest.mark.parametrize("mode", ["soft", "exact"])
+def test_solve_shared_is_the_per_site_solve(n_soft, mode):
+    """One solve in input space, then W ΔW_I per site: the update and the report :func:`solve` gives each site."""
+    X, Y, V, Y_soft, P, S, weights = _shared_problem(n_soft)
+    fact = factorize_zero_residual(
+        X, preserve=P, preserve_mode=mode, preserve_weight=0.3, soft=S, soft_targets=V, soft_target_weight=0.2
+    )
+    shared = solve_shared(fact, weights, Y, Y_soft=Y_soft)
+    assert list(shared) == list(weights)
+    for key, W in weights.items():
+        alone = solve(fact, W, W @ Y, T_soft=W @ Y_soft if V is not None else None)
+        ours = shared[key]
+        assert rel(ours.delta.dense(), alone.delta.dense()) <= 1e-9
+        assert rel((W + ours.delta.dense()) @ X, W @ Y) <= 1e-10
+        assert ours.report.residual <= 1e-10 and alone.report.residual <= 1e-10
+        assert ours.report.delta_norm == pytest.approx(alone.report.delta_norm, rel=1e-9)
+        assert ours.report.delta_norm == pytest.approx(float(torch.linalg.norm(ours.delta.dense())), rel=1e-9)
+        assert ours.report.update_rank == ours.delta.rank
+        assert ours.report.preserve_residual == pytest.approx(
+            float(torch.linalg.norm(ours.delta.dense() @ P) / torch.linalg.norm(W @ P)), rel=1e-5, abs=1e-12
+        )
+        if mode == "exact":
+            assert ours.report.preserve_residual <= 1e-10
+
+
+def test_solve_shared_serves_uce_and_reports_misses_per_site():
+    X, Y, _, _, P, _, weights = _shared_problem(0)
+    fact = factorize_uce(X, preserve=P)
+    shared = solve_shared(fact, weights, Y)
+    for key, W in weights.items():
+        alone = solve(fact, W, W @ Y)
+        assert rel(shared[key].delta.dense(), alone.delta.dense()) <= 1e-9
+        assert shared[key].report.residual == pytest.approx(alone.report.residual, rel=1e-9)
+    # beyond capacity (more independent constraints than inputs): every site warns, naming itself
+    g = torch.Generator().manual_seed(9)
+    wide = torch.randn(24, 30, generator=g, dtype=torch.float64)
+    over = factorize_zero_residual(wide)
+    with pytest.warns(CapacityWarning) as caught:
+        solve_shared(over, weights, torch.randn(24, 30, generator=g, dtype=torch.float64))
+    assert sorted(str(w.message).split(" at ")[1].split(":")[0] for w in caught) == sorted(weights)
+    with pytest.raises(CapacityError, match="site7"):
+        solve_shared(over, weights, torch.randn(24, 30, generator=g, dtype=torch.float64), strict=True)
+
+
+def test_solve_shared_refuses_a_weight_of_another_width_and_a_missing_soft_input():
+    X, Y, V, Y_soft, _, _, weights = _shared_problem(3)
+    fact = factorize_zero_residual(X, soft_targets=V)
+    with pytest.raises(ValueError, match="Y_soft"):
+        solve_shared(fact, weights, Y)
+    with pytest.raises(ValueError, match="width 24"):
+        solve_shared(fact, {"narrow": torch.zeros(5, 10, dtype=torch.float64)}, Y, Y_soft=Y_soft)
+
+
+@pytest.mark.parametrize("wide", [False, True])  # Woodbury (k < d) and the d × d Cholesky
+def test_float32_metric_features_keep_the_constraints_exact(problem, wide):
+    """Features given in float32 have their Gram matrix taken in float32: the constraints still hold to float64
+    precision, and the update is the float64 one up to that rounding."""
+    W, X, T = problem
+    g = torch.Generator().manual_seed(6)
+    d = W.shape[1]
+    P = torch.randn(d, 90 if wide else 20, generator=g, dtype=torch.float64)
+    V = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], 5, generator=g, dtype=torch.float64)
+    kwargs = dict(preserve_mode="soft", preserve_weight=0.3, soft_target_weight=0.2)
+    narrow = solve(factorize_zero_residual(X.float(), preserve=P.float(), soft_targets=V.float(), **kwargs), W, T, T_soft=T_soft)
+    full = solve(factorize_zero_residual(X.float().double(), preserve=P.float().double(), soft_targets=V.float().double(), **kwargs), W, T, T_soft=T_soft)
+    assert rel((W + narrow.delta.dense()) @ X.float().double(), T) <= 1e-10
+    assert narrow.report.residual <= 1e-10
+    assert 0 < rel(narrow.delta.dense(), full.delta.dense()) <= 1e-4
+
+
+@pytest.mark.parametrize("where", ["preserve", "soft"])
+def test_non_finite_metric_features_are_named(problem, where):
+    W, X, T = problem
+    bad = torch.randn(W.shape[1], 4, dtype=torch.float64)
+    bad[3, 1] = float("nan") if where == "preserve" else float("inf")
+    kwargs = {"preserve": bad, "preserve_mode": "soft", "preserve_weight": 0.5} if where == "preserve" else {"soft": bad}
+    with pytest.raises(ValueError, match="preserve features .* NaN or infinite"):
+        factorize_zero_residual(X, **kwargs)

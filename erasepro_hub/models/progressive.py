@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import ManifestError, PromptError
-from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve
+from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve, solve_shared
 from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
 from .conditioning import (
     compose,
@@ -319,7 +319,7 @@ def _factorize(
         preserve=P,
         preserve_mode=plan.recipe.preserve.mode,
         preserve_weight=plan.recipe.preserve.weight,
-        soft=None if soft is None else soft.double() * plan.recipe.preserve.caption_weight**0.5,
+        soft=None if soft is None else soft * plan.recipe.preserve.caption_weight**0.5,
         soft_targets=soft_targets,
         soft_target_weight=plan.recipe.prompts.misspelling_weight,
         rtol=plan.recipe.solver.rank_rtol,
@@ -495,9 +495,9 @@ def _target_pass(
         plain = output - bias if bias is not None else output
         P, WP = preserve_caps.get(stage.name, (None, None))
         inputs = _StageInputs(
-            X=_gather(x, pos.t_rows, pos.t_pos).double(),
+            X=_gather(x, pos.t_rows, pos.t_pos),  # in the model's dtype: the solver widens it (its Gram stays narrow)
             WX=_gather(plain, pos.t_rows, pos.t_pos).double(),
-            P=P.double() if P is not None and P.shape[1] else None,
+            P=P if P is not None and P.shape[1] else None,
             WP=WP.double() if P is not None and P.shape[1] else None,
             residual=_gather(stash.pop(stage.name), pos.t_rows, pos.t_pos) if stage.mode == "stream" else None,
             bias=bias,
@@ -548,20 +548,15 @@ def _final_sites(
     recorder: _Recorder,
     stage: str,
 ) -> None:
-    """Sites that read the same rows (the prompt embedding's, or the pooled vector's): one factorisation, then
-    ``T = W Y``, ``W X`` and ``W P`` per site at the precision the pipeline computes them (its dtype)."""
-    X, V = _split(Xm.double(), soft)
-    fact = _factorize(
-        plan, X, Pm.double().T if Pm is not None else None, soft=summary, soft_targets=V, uce=plan.method == "uce"
-    )
-    for key, weight in weights.items():
-        T, T_soft = _split((Ym @ weight.T).double(), soft)
-        WX, WV = _split((Xm @ weight.T).double(), soft)
-        WP = (Pm @ weight.T).double().T if Pm is not None and fact.P is not None else None
-        result = solve(
-            fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=key,
-            WX=WX, WP=WP, T_soft=T_soft, WV=WV,
-        )
+    """Sites that read the same rows (the prompt embedding's, or the pooled vector's) and want ``W Y`` for them: one
+    factorisation and one solve in input space (:func:`~erasepro_hub.solver.solve_shared`), then ``ΔW = W ΔW_I``
+    per site."""
+    X, V = _split(Xm, soft)
+    fact = _factorize(plan, X, Pm.T if Pm is not None else None, soft=summary, soft_targets=V, uce=plan.method == "uce")
+    Y, Y_soft = _split(Ym, soft)
+    solver = plan.recipe.solver
+    results = solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol)
+    for key, result in results.items():
         recorder.add(key, stage, result)
 
 

@@ -19,6 +19,7 @@ from .closed_form import (
     factorize_uce,
     factorize_zero_residual,
     solve,
+    solve_shared,
     uce_update,
 )
 from .delta import LowRankDelta
@@ -34,5 +35,6 @@ __all__ = [
     "factorize_uce",
     "factorize_zero_residual",
     "solve",
+    "solve_shared",
     "uce_update",
 ]

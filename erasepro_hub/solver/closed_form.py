@@ -59,13 +59,13 @@ apart, each would re-state the maths the others rely on. Every function is one s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
 
 from ..errors import CapacityError, CapacityWarning, warn
-from .delta import LowRankDelta
+from .delta import LowRankDelta, _is_identity
 
 #: Relative singular-value cut-off for the numerical rank (see the module docstring).
 DEFAULT_RTOL = 1e-6
@@ -278,37 +278,42 @@ def factorize_zero_residual(
             targets their part is then formed per solve as an ``m × d`` matrix (:class:`SoftTargets`' dense
             mode, ``O(d N_v m + d² m)``) rather than as an ``N_v × d`` factor (``O(d² N_v)``).
     """
+    # the metric's Gram matrix is taken in float32 when every feature in it came in float32 or narrower (_gram)
+    metric_inputs = [t for t in (preserve, soft, soft_targets) if isinstance(t, Tensor)]
+    gram_dtype = torch.float64 if any(t.dtype == torch.float64 for t in metric_inputs) else torch.float32
     X = _as_matrix("X", X)
     d, n = X.shape
     if preserve_mode not in ("none", "soft", "exact"):
         raise ValueError(f"preserve_mode must be 'none', 'soft' or 'exact', got {preserve_mode!r}")
     if rtol <= 0 or ridge < 0 or preserve_weight < 0:
         raise ValueError("rtol must be > 0; ridge and preserve_weight must be >= 0")
-    P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d)
+    # preserve features that only enter the metric are checked through its Gram matrix (:func:`_metric_solver`)
+    P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d, finite=preserve_mode == "exact")
     if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
     # the soft metric M = I + Q Qᵀ, and the columns that must hold exactly: [X] or [X P]
     factors = [P * preserve_weight**0.5] if preserve_mode == "soft" else []
     if soft is not None and soft.shape[-1]:
-        factors.append(_as_matrix("soft", soft, rows=d))
+        factors.append(_as_matrix("soft", soft, rows=d, finite=False))
     V = None if soft_targets is None or soft_targets.shape[-1] == 0 else _as_matrix("soft_targets", soft_targets, rows=d)
     if V is not None:
         if not soft_target_weight > 0:
             raise ValueError("soft_target_weight must be > 0")
-    Q = torch.cat(factors, dim=1) if factors else None  # the preservation metric M = I + Q Qᵀ
     solved = None  # M'⁻¹ Vw, where a branch computes it on the way
     Vw = V * soft_target_weight**0.5 if V is not None else None  # soft targets: M' = M + Vw Vwᵀ
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
-    mode = "soft" if preserve_mode == "none" and (Q is not None or Vw is not None) else preserve_mode
-    columns = [q for q in (Q, Vw) if q is not None]  # every column of M' = I + Q Qᵀ + Vw Vwᵀ
+    mode = "soft" if preserve_mode == "none" and (factors or Vw is not None) else preserve_mode
+    blocks = factors + ([Vw] if Vw is not None else [])  # M' = I + Σ B Bᵀ over these column blocks
     if system.shape[1] > d:
-        fact, solve_m = _factorize_wide(X, P, system, torch.cat(columns, dim=1) if columns else None, mode, rtol, ridge)
-    elif columns:
-        if Vw is None or sum(c.shape[1] for c in columns) >= d:  # one metric: Woodbury, or the d × d Cholesky
-            solve_m = _metric_solver(torch.cat(columns, dim=1))
+        fact, solve_m = _factorize_wide(X, P, system, blocks, mode, rtol, ridge, gram_dtype)
+    elif blocks:
+        if Vw is None or sum(b.shape[1] for b in blocks) >= d:  # one metric: Woodbury, or the d × d Cholesky
+            solve_m = _metric_solver(blocks, gram_dtype)
+            Z = solve_m(system)
         else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
-            solve_m, solved = _with_columns(_metric_solver(Q) if Q is not None else (lambda Y: Y), Vw)
-        fact = _factorize_soft(X, P, system, solve_m, mode, rtol, ridge)
+            base = _metric_solver(factors, gram_dtype) if factors else (lambda Y: Y)
+            solve_m, solved, Z = _with_columns(base, Vw, system)
+        fact = _factorize_soft(X, P, system, Z, mode, rtol, ridge)
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
         r = _rank(s, rtol)
@@ -359,19 +364,26 @@ def _zero_residual_factorization(
 
 
 def _factorize_wide(
-    X: Tensor, P: Tensor | None, system: Tensor, Q: Tensor | None, preserve_mode: str, rtol: float, ridge: float
+    X: Tensor,
+    P: Tensor | None,
+    system: Tensor,
+    blocks: list[Tensor],
+    preserve_mode: str,
+    rtol: float,
+    ridge: float,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> tuple[Factorization, Callable[[Tensor], Tensor]]:
     """More constraint columns than inputs (beyond capacity): work with ``d × d`` matrices.
 
-    With ``M = L Lᵀ`` (soft preservation, ``M = I + Q Qᵀ``; ``L = I`` otherwise) and ``X̃ = L⁻¹ system``,
+    With ``M = L Lᵀ`` (soft preservation, ``M = I + Σ B Bᵀ`` over the metric's column ``blocks``; ``L = I`` without) and ``X̃ = L⁻¹ system``,
     the eigendecomposition of ``X̃ X̃ᵀ = Ũ Σ² Ũᵀ`` gives ``X̃⁺ = Ṽ Σ⁻¹ Ũᵀ`` with ``Ṽ = X̃ᵀ Ũ Σ⁻¹``, and
     ``ΔW = R X̃⁺ L⁻¹`` — the minimum-norm least-squares update — at ``O(d² N + d³)`` instead of an
     ``N × N`` eigenproblem or an SVD of a very wide matrix. Returns the factorisation and ``Y ↦ M⁻¹ Y``.
     """
     d = X.shape[0]
     L = None
-    if Q is not None:
-        L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64, device=Q.device) + Q @ Q.T)
+    if blocks:
+        L = _metric_cholesky(blocks, gram_dtype)
         system = torch.linalg.solve_triangular(L, system, upper=False)
     K = system @ system.T
     values, U = torch.linalg.eigh((K + K.T) / 2)
@@ -385,52 +397,88 @@ def _factorize_wide(
     return fact, (lambda Y: Y if L is None else torch.cholesky_solve(Y, L))
 
 
-def _gram(F: Tensor) -> Tensor:
-    """``Fᵀ F``, its two off-diagonal blocks computed once (symmetry saves a quarter of the work on wide ``F``)."""
+def _gram(F: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Fᵀ F`` as a symmetric float64 matrix, the product taken in ``dtype``.
+
+    It only ever forms a preservation metric ``M = I + Q Qᵀ`` (or its Woodbury kernel). When every feature in it
+    came in float32 (a float32 forward pass, the float32 caption summary), the product is taken in float32 —
+    half the time; its rounding (``~6e-8`` of ``||q_i|| ||q_j||``) is that of the features themselves. The
+    result is symmetrised, so every ``M⁻¹`` applied is the inverse of one symmetric matrix and the constraints
+    ``ΔW X = R`` hold to float64 precision whatever ``M`` is; only the preservation weighting moves, by that
+    rounding. The off-diagonal blocks of a wide ``F`` are computed once (a quarter less work).
+    """
+    F = F.to(dtype)
     k = F.shape[1]
     if k < 256:
-        return F.T @ F
+        G = F.T @ F
+        return ((G + G.T) / 2).double()
     h = k // 2
-    top, bottom = F[:, :h], F[:, h:]
-    corner = top.T @ bottom
-    return torch.cat([torch.cat([top.T @ top, corner], 1), torch.cat([corner.T, bottom.T @ bottom], 1)])
+    G = torch.empty(k, k, dtype=torch.float64, device=F.device)
+    for rows in (slice(0, h), slice(h, k)):
+        block = F[:, rows].T @ F[:, rows]
+        G[rows, rows] = (block + block.T) / 2
+    corner = F[:, :h].T @ F[:, h:]
+    G[:h, h:] = corner
+    G[h:, :h] = corner.T
+    return G
 
 
-def _metric_solver(Q: Tensor) -> Callable[[Tensor], Tensor]:
-    """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``: Woodbury (a ``k × k`` Cholesky) while ``Q`` is narrower than the input,
-    the ``d × d`` Cholesky otherwise."""
-    d, k = Q.shape
-    if k < d:
-        L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64, device=Q.device) + _gram(Q))
-        return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
-    L = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64, device=Q.device) + _gram(Q.T))
-    return lambda Y: torch.cholesky_solve(Y, L)
+def _metric_cholesky(blocks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The Cholesky factor of ``M = I + Σ B Bᵀ`` (``d × d``); the blocks are put side by side in ``dtype``."""
+    G = _gram((blocks[0].to(dtype) if len(blocks) == 1 else torch.cat([b.to(dtype) for b in blocks], dim=1)).T, dtype)
+    return _cholesky_of_metric(G)
 
 
-def _with_columns(solve_m: Callable[[Tensor], Tensor], C: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+def _cholesky_of_metric(G: Tensor) -> Tensor:
+    """The Cholesky factor of ``I + G``. A NaN or inf in the metric's features reaches ``G`` and from there a
+    diagonal entry of the factor: reported here, checked on the ``d`` (or ``k``) diagonal entries only."""
+    G.diagonal().add_(1.0)
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) or not torch.isfinite(L.diagonal()).all():
+        raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
+    return L
+
+
+def _metric_solver(blocks: list[Tensor], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
+    """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``, ``Q`` the column ``blocks`` side by side: Woodbury (a ``k × k`` Cholesky)
+    while ``Q`` is narrower than the input, the ``d × d`` Cholesky otherwise; Gram matrices taken in ``dtype``
+    (:func:`_gram`)."""
+    d, k = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    if k >= d:
+        L = _metric_cholesky(blocks, dtype)
+        return lambda Y: torch.cholesky_solve(Y, L)
+    Q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    L = _cholesky_of_metric(_gram(Q, dtype))  # I + Qᵀ Q
+    return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
+
+
+def _with_columns(
+    solve_m: Callable[[Tensor], Tensor], C: Tensor, Y: Tensor
+) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
     """``Y ↦ (M + C Cᵀ)⁻¹ Y`` from ``Y ↦ M⁻¹ Y`` (Woodbury once more): ``M⁻¹Y − M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹ Y``;
-    and ``(M + C Cᵀ)⁻¹ C = M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹`` (push-through), which the soft targets need.
+    ``(M + C Cᵀ)⁻¹ C = M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹`` (push-through), which the soft targets need; and that solver
+    applied to ``Y`` already (``M⁻¹`` applied once to ``[C Y]`` together).
 
     Costs ``k² d`` for the ``k`` columns of ``C`` instead of ``(k + k_M)² d`` for one metric holding both.
     """
-    MC = solve_m(C)
-    L = torch.linalg.cholesky(torch.eye(C.shape[1], dtype=torch.float64, device=C.device) + C.T @ MC)
+    k = C.shape[1]
+    both = solve_m(torch.cat([C, Y], dim=1))
+    MC, MY = both[:, :k], both[:, k:]
+    L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64, device=C.device) + C.T @ MC)
 
-    def solve(Y: Tensor) -> Tensor:
-        MY = solve_m(Y)
+    def correct(MY: Tensor) -> Tensor:
         return MY - MC @ torch.cholesky_solve(C.T @ MY, L)
 
-    return solve, torch.cholesky_solve(MC.T, L).T
+    return (lambda Y: correct(solve_m(Y))), torch.cholesky_solve(MC.T, L).T, correct(MY)
 
 
 def _factorize_soft(
-    X: Tensor, P: Tensor | None, system: Tensor, solve_m: Callable[[Tensor], Tensor], preserve_mode: str, rtol: float, ridge: float
+    X: Tensor, P: Tensor | None, system: Tensor, Z: Tensor, preserve_mode: str, rtol: float, ridge: float
 ) -> Factorization:
-    """Soft preservation through ``solve_m: Y ↦ M⁻¹ Y`` and the ``N × N`` Gram matrix (see the module docs).
+    """Soft preservation from ``Z = M⁻¹ system`` and the ``N × N`` Gram matrix (see the module docs).
 
     ``system`` is ``X``, or ``[X P]`` under exact preservation (those columns hold exactly too).
     """
-    Z = solve_m(system)
     G = system.T @ Z
     values, V = torch.linalg.eigh((G + G.T) / 2)
     values, V = values.flip(0).clamp_min(0), V.flip(1)
@@ -520,6 +568,28 @@ def solve(
     Returns:
         :class:`SolveResult` with a float64 :class:`LowRankDelta` and its :class:`SolveReport`.
     """
+    delta, residual, preserve_residual, delta_norm = _update(
+        fact, W, T, residual_tol=residual_tol, site=site, WX=WX, WP=WP, T_soft=T_soft, WV=WV
+    )
+    report = _report(
+        fact, fact.input_dim, delta, residual, preserve_residual, delta_norm, site=site, strict=strict, residual_tol=residual_tol
+    )
+    return SolveResult(delta, report)
+
+
+def _update(
+    fact: Factorization,
+    W: Tensor,
+    T: Tensor,
+    *,
+    residual_tol: float,
+    site: str,
+    WX: Tensor | None,
+    WP: Tensor | None,
+    T_soft: Tensor | None,
+    WV: Tensor | None,
+) -> tuple[LowRankDelta, float, float | None, float]:
+    """:func:`solve` without its report: the update, its residual, preserve residual and Frobenius norm."""
     if not isinstance(W, Tensor) or W.ndim != 2:
         raise ValueError(f"W must be a 2-D tensor, got {getattr(W, 'shape', type(W).__name__)}")
     m, d = W.shape
@@ -609,6 +679,100 @@ def solve(
         wp = float(torch.linalg.matrix_norm(W64 @ fact.P if WP is None else _as_matrix("WP", WP, rows=m, finite=False)))
         dp = float(torch.linalg.matrix_norm(B @ AP if dense_soft is None else soft_p + B @ AP))
         preserve_residual = dp / wp if wp > 0 else dp
+    delta_norm = (_frobenius(B, gram()) if delta_norm is None else delta_norm) if delta.rank else 0.0
+    return delta, residual, preserve_residual, delta_norm
+
+
+def solve_shared(
+    fact: Factorization,
+    weights: Mapping[str, Tensor],
+    Y: Tensor,
+    *,
+    Y_soft: Tensor | None = None,
+    strict: bool = False,
+    residual_tol: float = DEFAULT_RESIDUAL_TOL,
+) -> dict[str, SolveResult]:
+    """Solve every site of ``weights`` whose wanted outputs are its own weight applied to shared inputs.
+
+    Each site wants ``T = W Y`` (and ``T_v = W Y_soft`` for the soft targets), as every cross-attention
+    ``to_k``/``to_v`` does for the anchors' prompt embedding. Its residual ``R = W (Y − X)`` is then ``W``
+    times the residual of the same problem with ``W = I``, and the update is linear in the residual, so
+    ``ΔW = W ΔW_I`` with ``ΔW_I`` (``d × d``) solved once by :func:`solve`: each site costs a product with
+    ``W`` instead of forming ``T``, ``W X``, ``W V`` and a soft part of ``N_v`` columns of its own. The
+    result is the one :func:`solve` gives each site (same factorisation, same minimum-norm update), and each
+    site's report measures its own residual ``||W (Y − X) − ΔW X|| / ||W Y||`` and preserve residual.
+
+    Args:
+        fact: the sites' shared factorisation.
+        weights: ``(m, d)`` weights by site name.
+        Y: ``(d, N)`` inputs whose outputs the target columns should reach.
+        Y_soft: ``(d, N_v)`` the same for the soft targets (required exactly when ``fact`` has them).
+    """
+    d = fact.input_dim
+    Y = _as_matrix("Y", Y, rows=d, finite=False)
+    soft = fact.soft_targets
+    if (soft is None) != (Y_soft is None):
+        raise ValueError("Y_soft is needed exactly when the factorisation has soft targets")
+    Y_soft = _as_matrix("Y_soft", Y_soft, rows=d, finite=False) if Y_soft is not None else None
+    eye = torch.eye(d, dtype=torch.float64, device=Y.device)
+    # each site reports (and warns about) its own residual below
+    base, *_ = _update(
+        fact, eye, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
+        residual_tol=residual_tol, site="the shared input-space update",
+    )
+    # in input space: what the constraints still miss, what the update does to the preserve inputs
+    miss = (Y - fact.X) - base.B @ (base.A @ fact.X) if base.rank else Y - fact.X
+    AP = base.A @ fact.P if fact.P is not None and base.rank else None
+    P32 = fact.P.to(torch.float32) if fact.P is not None else None
+    gram = base.A @ base.A.T if base.rank and base.rank <= d and not _is_identity(base.B) else None
+    results = {}
+    for key, weight in weights.items():
+        if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != d:
+            raise ValueError(f"{key}: W{tuple(getattr(weight, 'shape', ()))} does not read inputs of width {d}")
+        W = weight.detach().to(torch.float64)
+        m = W.shape[0]
+        delta_norm = 0.0
+        if not base.rank:
+            delta = LowRankDelta.zeros(m, d)
+            B = None
+        else:
+            B = W @ base.B
+            if not torch.isfinite(B).all():
+                raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
+            if base.rank > min(m, d):
+                delta, delta_norm = _as_dense(B @ base.A)
+            else:
+                delta = LowRankDelta(B, base.A)
+                delta_norm = _frobenius(B, gram) if gram is not None else float(torch.linalg.matrix_norm(B @ base.A))
+        both = W @ torch.cat([Y, miss], dim=1)
+        t_norm = float(torch.linalg.matrix_norm(both[:, : Y.shape[1]]))
+        miss_norm = float(torch.linalg.matrix_norm(both[:, Y.shape[1] :]))
+        residual = miss_norm / t_norm if t_norm > 0 else miss_norm
+        preserve_residual = None
+        if fact.P is not None:
+            wp = float(torch.linalg.matrix_norm((weight.detach().to(torch.float32) @ P32).double()))
+            dp = float(torch.linalg.matrix_norm(B @ AP)) if B is not None else 0.0
+            preserve_residual = dp / wp if wp > 0 else dp
+        report = _report(
+            fact, d, delta, residual, preserve_residual, delta_norm, site=key, strict=strict, residual_tol=residual_tol
+        )
+        results[key] = SolveResult(delta, report)
+    return results
+
+
+def _report(
+    fact: Factorization,
+    d: int,
+    delta: LowRankDelta,
+    residual: float,
+    preserve_residual: float | None,
+    delta_norm: float,
+    *,
+    site: str,
+    strict: bool,
+    residual_tol: float,
+) -> SolveReport:
+    """The report of one site's solve; warns (raises under ``strict``) when an exact solve misses its constraints."""
     within = fact.constraint_rank >= fact.n_constraints
     report = SolveReport(
         method=fact.kind,
@@ -619,7 +783,7 @@ def solve(
         condition=fact.condition,
         residual=residual,
         preserve_residual=preserve_residual,
-        delta_norm=(_frobenius(B, gram()) if delta_norm is None else delta_norm) if delta.rank else 0.0,
+        delta_norm=delta_norm,
         exact=fact.exact,
         within_capacity=within,
         update_rank=delta.rank,
@@ -643,8 +807,8 @@ def solve(
         )
         if strict:
             raise CapacityError(message)
-        warn(message, CapacityWarning)
-    return SolveResult(delta, report)
+        warn(message, CapacityWarning, depth=2)  # attributed to the caller of solve / solve_shared
+    return report
 
 
 # ----------------------------------------------------------------------------- one-shot helpers

@@ -66,8 +66,12 @@ class LowRankDelta:
         return self.B.to(dtype) @ self.A.to(dtype)
 
     def apply(self, x: Tensor) -> Tensor:
-        """``ΔW x`` for row vectors: ``x`` is ``(..., d)``, the result ``(..., m)``, in ``x``'s dtype."""
-        return (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
+        """``ΔW x`` for row vectors: ``x`` is ``(..., d)``, the result ``(..., m)``, in ``x``'s dtype (an identity
+        factor, :meth:`from_dense`'s form, is not multiplied)."""
+        if _is_identity(self.A):
+            return x @ self.B.to(x.dtype).T
+        out = x @ self.A.to(x.dtype).T
+        return out if _is_identity(self.B) else out @ self.B.to(x.dtype).T
 
     def frobenius_norm(self) -> float:
         """``||B A||_F`` without forming the dense product: ``sqrt(tr((BᵀB)(AAᵀ)))``, or the other factor's own
