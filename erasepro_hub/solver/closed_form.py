@@ -380,7 +380,6 @@ def _factorize_wide(
     ``ΔW = R X̃⁺ L⁻¹`` — the minimum-norm least-squares update — at ``O(d² N + d³)`` instead of an
     ``N × N`` eigenproblem or an SVD of a very wide matrix. Returns the factorisation and ``Y ↦ M⁻¹ Y``.
     """
-    d = X.shape[0]
     L = None
     if blocks:
         L = _metric_cholesky(blocks, gram_dtype)
