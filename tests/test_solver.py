@@ -440,17 +440,18 @@ def test_solve_shared_refuses_a_weight_of_another_width_and_a_missing_soft_input
         solve_shared(fact, {"narrow": torch.zeros(5, 10, dtype=torch.float64)}, Y, Y_soft=Y_soft)
 
 
-@pytest.mark.parametrize("wide", [False, True])  # Woodbury (k < d) and the d × d Cholesky
-def test_float32_metric_features_keep_the_constraints_exact(problem, wide):
-    """Features given in float32 have their Gram matrix taken in float32: the constraints still hold to float64
-    precision, and the update is the float64 one up to that rounding."""
+@pytest.mark.parametrize("case", ["woodbury", "d-by-d", "dense-soft"])
+def test_float32_metric_features_keep_the_constraints_exact(problem, case):
+    """Features given in float32 have their Gram matrix (and the dense soft part's product) taken in float32: the
+    constraints still hold to float64 precision, and the update is the float64 one up to that rounding."""
     W, X, T = problem
     g = torch.Generator().manual_seed(6)
     d = W.shape[1]
-    P = torch.randn(d, 90 if wide else 20, generator=g, dtype=torch.float64)
-    V = torch.randn(d, 5, generator=g, dtype=torch.float64)
-    T_soft = torch.randn(W.shape[0], 5, generator=g, dtype=torch.float64)
-    kwargs = dict(preserve_mode="soft", preserve_weight=0.3, soft_target_weight=0.2)
+    P = torch.randn(d, 90 if case == "d-by-d" else 20, generator=g, dtype=torch.float64)
+    n_soft = d // 2 + 3 if case == "dense-soft" else 5
+    V = torch.randn(d, n_soft, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], n_soft, generator=g, dtype=torch.float64)
+    kwargs = dict(preserve_mode="soft", preserve_weight=0.3, soft_target_weight=0.2, one_site=case == "dense-soft")
     narrow = solve(factorize_zero_residual(X.float(), preserve=P.float(), soft_targets=V.float(), **kwargs), W, T, T_soft=T_soft)
     full = solve(factorize_zero_residual(X.float().double(), preserve=P.float().double(), soft_targets=V.float().double(), **kwargs), W, T, T_soft=T_soft)
     assert rel((W + narrow.delta.dense()) @ X.float().double(), T) <= 1e-10

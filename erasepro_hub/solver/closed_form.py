@@ -88,6 +88,8 @@ class SoftTargets:
         solve: the dense mode (one site, soft columns as many as the input is wide): ``Y ↦ M'⁻¹ Y``, and each
             solve forms that part as ``λ_v (M'⁻¹ V R_vᵀ)ᵀ`` (``m × d``) instead of the ``N_v × d`` factor ``A``.
         weight: ``λ_v`` (the dense mode's).
+        product_dtype: the dense mode's ``V R_vᵀ`` is taken in this dtype (float32 when the features came in
+            float32, as the metric's Gram matrix is; the exact part then corrects what it does to ``X``).
     """
 
     V: Tensor
@@ -96,6 +98,7 @@ class SoftTargets:
     AP: Tensor | None
     solve: Callable[[Tensor], Tensor] | None = None
     weight: float = 1.0
+    product_dtype: torch.dtype = torch.float64
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,9 @@ def factorize_zero_residual(
     if V is None:
         return fact
     if one_site and 2 * V.shape[1] >= d:
-        return replace(fact, soft_targets=SoftTargets(V, None, None, None, solve=solve_m, weight=soft_target_weight))
+        return replace(fact, soft_targets=SoftTargets(
+            V, None, None, None, solve=solve_m, weight=soft_target_weight, product_dtype=gram_dtype
+        ))
     # λ_v M'⁻¹ V; with the nested Woodbury it is already known (M'⁻¹ Vw, Vw = √λ_v V)
     A_soft = (soft_target_weight**0.5 * solved if solved is not None else soft_target_weight * solve_m(V)).T.contiguous()
     targets = SoftTargets(V, A_soft, A_soft @ X, A_soft @ P if P is not None else None)
@@ -614,7 +619,8 @@ def _update(
             W64 @ soft.V if WV is None else _as_matrix("WV", WV, rows=m, finite=False)
         )
         if soft.A is None:
-            dense_soft = soft.weight * soft.solve(soft.V @ B_soft.T).T
+            narrow = soft.product_dtype
+            dense_soft = soft.weight * soft.solve((soft.V.to(narrow) @ B_soft.T.to(narrow)).double()).T
             soft_x = dense_soft @ fact.X
             soft_p = dense_soft @ fact.P if fact.P is not None else None
         else:
