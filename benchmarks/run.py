@@ -296,6 +296,9 @@ def solve_ratios(repeats: int) -> dict:
     variants = {
         "erasepro": plan,
         "uce": uce,
+        "uce_erasepro_tokens": R.plan_from_recipe(
+            recipe.model_copy(update={"method": "uce", "uce": recipe.uce.model_copy(update={"tokens": "erasepro"})})
+        ),
         "erasepro_no_captions": dataclasses.replace(plan, captions=()),
         "erasepro_no_preserve": R.plan_from_recipe(without_preservation(recipe)),
         "uce_no_preserve": R.plan_from_recipe(without_preservation(recipe).model_copy(update={"method": "uce"})),
@@ -347,6 +350,7 @@ def solve_ratios(repeats: int) -> dict:
         "erasepro_over_ref_uce_edit": times["erasepro"] / times["ref_uce"],
         "uce_over_ref_uce_edit": times["uce"] / times["ref_uce"],
         "erasepro_over_uce_no_captions": times["erasepro_no_captions"] / times["uce"],
+        "erasepro_over_uce_erasepro_tokens": times["erasepro"] / times["uce_erasepro_tokens"],
         "erasepro_over_uce_no_preserve": times["erasepro_no_preserve"] / times["uce_no_preserve"],
         "erase_over_text_pass": times["erasepro"] / text_s,
         "lora_rel_error": lora_rel_error(sol.deltas),
@@ -649,7 +653,9 @@ def markdown(report: dict) -> str:
         f"{d['text_pass_prompts']} prompts {d['text_pass_s']:.2f} s (erasepro / text pass {d['erase_over_text_pass']:.2f}). "
         f"erasepro / peer edit {d['erasepro_over_ref_uce_edit']:.2f}, uce / peer edit {d['uce_over_ref_uce_edit']:.2f}. "
         f"Without the default captions: erasepro / uce = {d['erasepro_over_uce_no_captions']:.2f}; "
-        f"without any preservation: {d['erasepro_over_uce_no_preserve']:.2f}.",
+        f"without any preservation: {d['erasepro_over_uce_no_preserve']:.2f}; against UCE on ErasePro's tokens and "
+        f"preserve positions (`uce.tokens: erasepro`): {d['erasepro_over_uce_erasepro_tokens']:.2f}. Where erasepro's "
+        "solve goes (last repeat): " + ", ".join(f"{k} {v:.2f} s" for k, v in d["stage_timings_s"].items()) + ".",
         _agreement_line(d["peer_vs_uce_last_token"]),
         f"Apply: hooks {d['apply_hooks_s']:.2f} s, fused {d['apply_fused_s']:.2f} s; forward overhead once fused "
         f"{100 * d['fused_overhead']:+.1f} %, with hooks {100 * d['hooks_overhead']:+.1f} % ({d['forward']}).",

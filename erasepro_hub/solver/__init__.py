@@ -1,4 +1,4 @@
-"""Closed-form weight edits, pure torch, float64 inside.
+"""Closed-form weight edits, pure torch, float64 inside (a preservation metric's Gram matrix in its features' float32).
 
 This package imports nothing but torch (a test enforces it): the maths can be
 used, read and tested without any model library.

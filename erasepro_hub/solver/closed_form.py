@@ -23,10 +23,12 @@ factors ``right = V Λ^{-1/2}`` and ``A = Λ^{-1/2} Vᵀ Zᵀ``. ``√Λ`` are t
 ``M^{-1/2} X``, so the rank rule is the same as without preservation. Forming ``G`` squares the
 condition number; one step of iterative refinement in :func:`solve` restores the constraint to
 working precision. Soft targets ``V`` (§2.2) enter as a second Woodbury step on top of ``M⁻¹``
-(:func:`_with_columns`), so two small Gram matrices are formed instead of one of their summed width.
+(:func:`.metric.with_columns`), so two small Gram matrices are formed instead of one of their summed width.
 
-Cost: the factorisation is the per-stage work (``O(k² d)`` for ``k`` soft columns); a site then
-costs ``O(m N r)``. Its inputs are checked for shape only; a NaN or inf anywhere shows in the update,
+Cost: the factorisation is the per-stage work (``O(k² d)`` for ``k`` soft columns, the Gram matrix taken in
+float32 when the features came in float32: :func:`.metric.gram`); a site then costs ``O(m N r)``. Sites that want
+``T = W Y`` for shared ``Y`` (the UNet's K/V) are solved once in input space, ``ΔW = W ΔW_I``
+(:func:`solve_shared`). Its inputs are checked for shape only; a NaN or inf anywhere shows in the update,
 whose finiteness is checked once. Factors wider than the matrix (``r > min(m, d)``) are multiplied
 out (``ΔW`` with an identity factor), so a site never factorises its own update.
 
@@ -66,6 +68,7 @@ from torch import Tensor
 
 from ..errors import CapacityError, CapacityWarning, warn
 from .delta import LowRankDelta, _is_identity
+from .metric import metric_cholesky, metric_solver, with_columns
 
 #: Relative singular-value cut-off for the numerical rank (see the module docstring).
 DEFAULT_RTOL = 1e-6
@@ -281,7 +284,7 @@ def factorize_zero_residual(
             targets their part is then formed per solve as an ``m × d`` matrix (:class:`SoftTargets`' dense
             mode, ``O(d N_v m + d² m)``) rather than as an ``N_v × d`` factor (``O(d² N_v)``).
     """
-    # the metric's Gram matrix is taken in float32 when every feature in it came in float32 or narrower (_gram)
+    # the metric's Gram matrix is taken in float32 when every feature in it came in float32 or narrower (metric.gram)
     metric_inputs = [t for t in (preserve, soft, soft_targets) if isinstance(t, Tensor)]
     gram_dtype = torch.float64 if any(t.dtype == torch.float64 for t in metric_inputs) else torch.float32
     X = _as_matrix("X", X)
@@ -290,7 +293,7 @@ def factorize_zero_residual(
         raise ValueError(f"preserve_mode must be 'none', 'soft' or 'exact', got {preserve_mode!r}")
     if rtol <= 0 or ridge < 0 or preserve_weight < 0:
         raise ValueError("rtol must be > 0; ridge and preserve_weight must be >= 0")
-    # preserve features that only enter the metric are checked through its Gram matrix (:func:`_metric_solver`)
+    # preserve features that only enter the metric are checked through its Gram matrix (metric.metric_solver)
     P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d, finite=preserve_mode == "exact")
     if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
@@ -311,11 +314,11 @@ def factorize_zero_residual(
         fact, solve_m = _factorize_wide(X, P, system, blocks, mode, rtol, ridge, gram_dtype)
     elif blocks:
         if Vw is None or sum(b.shape[1] for b in blocks) >= d:  # one metric: Woodbury, or the d × d Cholesky
-            solve_m = _metric_solver(blocks, gram_dtype)
+            solve_m = metric_solver(blocks, gram_dtype)
             Z = solve_m(system)
         else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
-            base = _metric_solver(factors, gram_dtype) if factors else (lambda Y: Y)
-            solve_m, solved, Z = _with_columns(base, Vw, system)
+            base = metric_solver(factors, gram_dtype) if factors else (lambda Y: Y)
+            solve_m, solved, Z = with_columns(base, Vw, system)
         fact = _factorize_soft(X, P, system, Z, mode, rtol, ridge)
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
@@ -387,7 +390,7 @@ def _factorize_wide(
     """
     L = None
     if blocks:
-        L = _metric_cholesky(blocks, gram_dtype)
+        L = metric_cholesky(blocks, gram_dtype)
         system = torch.linalg.solve_triangular(L, system, upper=False)
     K = system @ system.T
     values, U = torch.linalg.eigh((K + K.T) / 2)
@@ -399,81 +402,6 @@ def _factorize_wide(
     A = (U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)).T
     fact = _zero_residual_factorization(X, P, A, V, s, r, system.shape[1], preserve_mode, rtol, ridge)
     return fact, (lambda Y: Y if L is None else torch.cholesky_solve(Y, L))
-
-
-def _gram(F: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``Fᵀ F`` as a symmetric float64 matrix, the product taken in ``dtype``.
-
-    It only ever forms a preservation metric ``M = I + Q Qᵀ`` (or its Woodbury kernel). When every feature in it
-    came in float32 (a float32 forward pass, the float32 caption summary), the product is taken in float32 —
-    half the time; its rounding (``~6e-8`` of ``||q_i|| ||q_j||``) is that of the features themselves. The
-    result is symmetrised, so every ``M⁻¹`` applied is the inverse of one symmetric matrix and the constraints
-    ``ΔW X = R`` hold to float64 precision whatever ``M`` is; only the preservation weighting moves, by that
-    rounding. The off-diagonal blocks of a wide ``F`` are computed once (a quarter less work).
-    """
-    F = F.to(dtype)
-    k = F.shape[1]
-    if k < 256:
-        G = F.T @ F
-        return ((G + G.T) / 2).double()
-    h = k // 2
-    G = torch.empty(k, k, dtype=torch.float64, device=F.device)
-    for rows in (slice(0, h), slice(h, k)):
-        block = F[:, rows].T @ F[:, rows]
-        G[rows, rows] = (block + block.T) / 2
-    corner = F[:, :h].T @ F[:, h:]
-    G[:h, h:] = corner
-    G[h:, :h] = corner.T
-    return G
-
-
-def _metric_cholesky(blocks: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The Cholesky factor of ``M = I + Σ B Bᵀ`` (``d × d``); the blocks are put side by side in ``dtype``."""
-    G = _gram((blocks[0].to(dtype) if len(blocks) == 1 else torch.cat([b.to(dtype) for b in blocks], dim=1)).T, dtype)
-    return _cholesky_of_metric(G)
-
-
-def _cholesky_of_metric(G: Tensor) -> Tensor:
-    """The Cholesky factor of ``I + G``. A NaN or inf in the metric's features reaches ``G`` and from there a
-    diagonal entry of the factor: reported here, checked on the ``d`` (or ``k``) diagonal entries only."""
-    G.diagonal().add_(1.0)
-    L, info = torch.linalg.cholesky_ex(G)
-    if int(info) or not torch.isfinite(L.diagonal()).all():
-        raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
-    return L
-
-
-def _metric_solver(blocks: list[Tensor], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
-    """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``, ``Q`` the column ``blocks`` side by side: Woodbury (a ``k × k`` Cholesky)
-    while ``Q`` is narrower than the input, the ``d × d`` Cholesky otherwise; Gram matrices taken in ``dtype``
-    (:func:`_gram`)."""
-    d, k = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
-    if k >= d:
-        L = _metric_cholesky(blocks, dtype)
-        return lambda Y: torch.cholesky_solve(Y, L)
-    Q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-    L = _cholesky_of_metric(_gram(Q, dtype))  # I + Qᵀ Q
-    return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
-
-
-def _with_columns(
-    solve_m: Callable[[Tensor], Tensor], C: Tensor, Y: Tensor
-) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
-    """``Y ↦ (M + C Cᵀ)⁻¹ Y`` from ``Y ↦ M⁻¹ Y`` (Woodbury once more): ``M⁻¹Y − M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹ Y``;
-    ``(M + C Cᵀ)⁻¹ C = M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹`` (push-through), which the soft targets need; and that solver
-    applied to ``Y`` already (``M⁻¹`` applied once to ``[C Y]`` together).
-
-    Costs ``k² d`` for the ``k`` columns of ``C`` instead of ``(k + k_M)² d`` for one metric holding both.
-    """
-    k = C.shape[1]
-    both = solve_m(torch.cat([C, Y], dim=1))
-    MC, MY = both[:, :k], both[:, k:]
-    L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64, device=C.device) + C.T @ MC)
-
-    def correct(MY: Tensor) -> Tensor:
-        return MY - MC @ torch.cholesky_solve(C.T @ MY, L)
-
-    return (lambda Y: correct(solve_m(Y))), torch.cholesky_solve(MC.T, L).T, correct(MY)
 
 
 def _factorize_soft(

@@ -1,0 +1,91 @@
+"""The preservation metric ``M = I + Q Qᵀ`` of a solve, as the operator ``Y ↦ M⁻¹ Y`` (docs/design.md §2.2).
+
+``Q`` holds the metric's columns — preserve features (weighted), a caption summary, soft targets — in
+blocks. While they are fewer than the input width ``d``, Woodbury needs only the ``k × k`` Gram matrix
+``QᵀQ``; otherwise the ``d × d`` matrix ``M`` is formed and factorised. Soft targets can be added on top of
+an existing metric (:func:`with_columns`) so that two small Gram matrices are formed instead of one wide one.
+The Gram matrices are taken in float32 when every feature came in float32 (:func:`gram`); the constraints
+of a solve do not depend on ``M`` (only the preservation weighting does), so they stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def gram(F: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Fᵀ F`` as a symmetric float64 matrix, the product taken in ``dtype``.
+
+    It only ever forms a preservation metric ``M = I + Q Qᵀ`` (or its Woodbury kernel). When every feature in it
+    came in float32 (a float32 forward pass, the float32 caption summary), the product is taken in float32 —
+    half the time; its rounding (``~6e-8`` of ``||q_i|| ||q_j||``) is that of the features themselves. The
+    result is symmetrised, so every ``M⁻¹`` applied is the inverse of one symmetric matrix and the constraints
+    ``ΔW X = R`` hold to float64 precision whatever ``M`` is; only the preservation weighting moves, by that
+    rounding. The off-diagonal blocks of a wide ``F`` are computed once (a quarter less work).
+    """
+    F = F.to(dtype)
+    k = F.shape[1]
+    if k < 256:
+        G = F.T @ F
+        return ((G + G.T) / 2).double()
+    h = k // 2
+    G = torch.empty(k, k, dtype=torch.float64, device=F.device)
+    for rows in (slice(0, h), slice(h, k)):
+        block = F[:, rows].T @ F[:, rows]
+        G[rows, rows] = (block + block.T) / 2
+    corner = F[:, :h].T @ F[:, h:]
+    G[:h, h:] = corner
+    G[h:, :h] = corner.T
+    return G
+
+
+def metric_cholesky(blocks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The Cholesky factor of ``M = I + Σ B Bᵀ`` (``d × d``); the blocks are put side by side in ``dtype``."""
+    G = gram((blocks[0].to(dtype) if len(blocks) == 1 else torch.cat([b.to(dtype) for b in blocks], dim=1)).T, dtype)
+    return cholesky_of_metric(G)
+
+
+def cholesky_of_metric(G: Tensor) -> Tensor:
+    """The Cholesky factor of ``I + G``. A NaN or inf in the metric's features reaches ``G`` and from there a
+    diagonal entry of the factor: reported here, checked on the ``d`` (or ``k``) diagonal entries only."""
+    G.diagonal().add_(1.0)
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) or not torch.isfinite(L.diagonal()).all():
+        raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
+    return L
+
+
+def metric_solver(blocks: list[Tensor], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
+    """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``, ``Q`` the column ``blocks`` side by side: Woodbury (a ``k × k`` Cholesky)
+    while ``Q`` is narrower than the input, the ``d × d`` Cholesky otherwise; Gram matrices taken in ``dtype``
+    (:func:`gram`)."""
+    d, k = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    if k >= d:
+        L = metric_cholesky(blocks, dtype)
+        return lambda Y: torch.cholesky_solve(Y, L)
+    Q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    L = cholesky_of_metric(gram(Q, dtype))  # I + Qᵀ Q
+    return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
+
+
+def with_columns(
+    solve_m: Callable[[Tensor], Tensor], C: Tensor, Y: Tensor
+) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """``Y ↦ (M + C Cᵀ)⁻¹ Y`` from ``Y ↦ M⁻¹ Y`` (Woodbury once more): ``M⁻¹Y − M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹ Y``;
+    ``(M + C Cᵀ)⁻¹ C = M⁻¹C (I + Cᵀ M⁻¹ C)⁻¹`` (push-through), which the soft targets need; and that solver
+    applied to ``Y`` already (``M⁻¹`` applied once to ``[C Y]`` together).
+
+    Costs ``k² d`` for the ``k`` columns of ``C`` instead of ``(k + k_M)² d`` for one metric holding both.
+    """
+    k = C.shape[1]
+    both = solve_m(torch.cat([C, Y], dim=1))
+    MC, MY = both[:, :k], both[:, k:]
+    L = torch.linalg.cholesky(torch.eye(k, dtype=torch.float64, device=C.device) + C.T @ MC)
+
+    def correct(MY: Tensor) -> Tensor:
+        return MY - MC @ torch.cholesky_solve(C.T @ MY, L)
+
+    return (lambda Y: correct(solve_m(Y))), torch.cholesky_solve(MC.T, L).T, correct(MY)
