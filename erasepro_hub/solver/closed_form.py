@@ -214,6 +214,21 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class _Identity:
+    """The ``d × d`` identity as a weight, without its ``d²`` entries until :meth:`dense` is asked for."""
+
+    d: int
+    device: torch.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d, self.d)
+
+    def dense(self) -> Tensor:
+        return torch.eye(self.d, dtype=torch.float64, device=self.device)
+
+
 def _as_matrix(name: str, value: Tensor, rows: int | None = None, *, finite: bool = True) -> Tensor:
     """``value`` as a float64 matrix, its shape checked (and, with ``finite``, its entries)."""
     if not isinstance(value, Tensor):
@@ -511,7 +526,7 @@ def solve(
 
 def _update(
     fact: Factorization,
-    W: Tensor,
+    W: Tensor | None,
     T: Tensor,
     *,
     residual_tol: float,
@@ -521,8 +536,14 @@ def _update(
     T_soft: Tensor | None,
     WV: Tensor | None,
 ) -> tuple[LowRankDelta, float, float | None, float]:
-    """:func:`solve` without its report: the update, its residual, preserve residual and Frobenius norm."""
-    if not isinstance(W, Tensor) or W.ndim != 2:
+    """:func:`solve` without its report: the update, its residual, preserve residual and Frobenius norm.
+
+    ``W=None`` is the identity (:func:`solve_shared`'s input-space problem), formed only if ``W X``, ``W P`` or
+    ``W V`` is not given.
+    """
+    if W is None:
+        W = _Identity(fact.input_dim, fact.X.device)
+    elif not isinstance(W, Tensor) or W.ndim != 2:
         raise ValueError(f"W must be a 2-D tensor, got {getattr(W, 'shape', type(W).__name__)}")
     m, d = W.shape
     if d != fact.input_dim:
@@ -537,7 +558,7 @@ def _update(
         raise ValueError("T_soft is needed exactly when the factorisation has soft targets")
     # W only enters through W X, W V (and W P for the report): convert it only when they were not given
     need_w = WX is None or (fact.P is not None and WP is None) or (soft is not None and WV is None)
-    W64 = _as_matrix("W", W, finite=False) if need_w else None
+    W64 = (W.dense() if isinstance(W, _Identity) else _as_matrix("W", W, finite=False)) if need_w else None
     R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m, finite=False))
     t_norm = float(torch.linalg.matrix_norm(T))
     # the soft-target part of the update, R_v A_soft; the exact part then corrects what it does to X (and P)
@@ -647,10 +668,9 @@ def solve_shared(
     if (soft is None) != (Y_soft is None):
         raise ValueError("Y_soft is needed exactly when the factorisation has soft targets")
     Y_soft = _as_matrix("Y_soft", Y_soft, rows=d, finite=False) if Y_soft is not None else None
-    eye = torch.eye(d, dtype=torch.float64, device=Y.device)
     # each site reports (and warns about) its own residual below
     base, *_ = _update(
-        fact, eye, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
+        fact, None, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
         residual_tol=residual_tol, site="the shared input-space update",
     )
     # in input space: what the constraints still miss, what the update does to the preserve inputs
