@@ -13,6 +13,7 @@ is a few lines over the library, and keeping them together shows the whole comma
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -512,6 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The ``erasepro`` command: :func:`main`, then an exit without the interpreter's teardown.
+
+    Once transformers' model code is imported, tearing the interpreter down module by module takes most of a
+    second, after the command has written and closed everything it opened. So the exit handlers run as at any
+    exit (logging's flush, the libraries' ``atexit`` hooks, pending ``weakref.finalize`` clean-ups), the
+    standard streams are flushed, and the process ends there. An uncaught exception exits the usual way.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    os._exit(0 if code is None else code if isinstance(code, int) else 1)  # as sys.exit(code) would
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -397,3 +400,35 @@ def test_an_unknown_dataset_split_exits_2_naming_the_splits(command, prompt_data
     captured = capsys.readouterr()
     assert "no split 'nosuch'" in captured.err and "available: train" in captured.err
     assert captured.out == "" and "Traceback" not in captured.err
+
+
+CONSOLE = """
+import atexit, pathlib, shutil, sys, weakref
+marker, scratch = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+atexit.register(marker.write_text, "ran")
+scratch.mkdir()
+owner = type("Owner", (), {})()
+weakref.finalize(owner, shutil.rmtree, str(scratch))  # pending at exit: run by the exit handlers
+sys.argv = ["erasepro", *sys.argv[3:]]
+from erasepro_hub.cli import run
+run()
+"""
+
+
+def test_the_console_command_runs_the_exit_handlers_and_keeps_the_exit_code(demo_folder, tmp_path):
+    """``erasepro`` (``cli.run``) ends without the interpreter's teardown, not without its exit handlers: output
+    piped to another process arrives whole, ``atexit`` hooks and pending finalizers run, the code is main's."""
+
+    def console(*args: str) -> subprocess.CompletedProcess:
+        marker, scratch = tmp_path / "atexit-ran", tmp_path / "scratch"
+        marker.unlink(missing_ok=True)
+        command = [sys.executable, "-c", CONSOLE, str(marker), str(scratch), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert marker.read_text() == "ran" and not scratch.exists(), result.stderr
+        return result
+
+    ok = console("inspect", str(demo_folder), "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["name"] == "demo-van-gogh"
+    bad = console("inspect", str(tmp_path / "no-such-folder"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")

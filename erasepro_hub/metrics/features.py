@@ -179,14 +179,15 @@ def pooled_similarity(
 
     ``x``, ``y``: ``(n, L, D)`` prompt embeddings; ``x_deltas``: the K/V deltas applied to ``x``. One result per
     ``(x_mask, y_mask)`` in ``masks``; a mask ``(n, L)`` selects the positions pooled (``None``: the whole
-    window). K and V are computed once for every pooling.
+    window). K and V are linear maps without bias, so the positions are pooled first and K and V applied to the
+    pooled rows: ``mean_j K(x_j) = K(mean_j x_j)``.
     """
+    pooled = [(_pool(x, x_mask), _pool(y, y_mask)) for x_mask, y_mask in masks]
     sims: list[list[torch.Tensor]] = [[] for _ in masks]
     for key, weight in model.kv_weights.items():
-        kx = _kv(weight, x_deltas.get(key), x).double()
-        ky = _kv(weight, None, y).double()
-        for out, (x_mask, y_mask) in zip(sims, masks):
-            out.append(torch.nn.functional.cosine_similarity(_pool(kx, x_mask), _pool(ky, y_mask), dim=-1))
+        for out, (px, py) in zip(sims, pooled):
+            kx, ky = _kv(weight, x_deltas.get(key), px).double(), _kv(weight, None, py).double()
+            out.append(torch.nn.functional.cosine_similarity(kx, ky, dim=-1))
     return [torch.stack(values).mean(0) for values in sims]
 
 
