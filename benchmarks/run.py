@@ -533,19 +533,34 @@ def run_case(flag: str, concepts: int, templates: int, policy: str, threads: int
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def concepts100(threads: int) -> dict:
-    """100 concepts in template "{}": the ErasePro solve and the peer's edit, each in its own process."""
+def concepts100(threads: int, pairs: int = 3) -> dict:
+    """100 concepts in template "{}": the ErasePro solve and the peer's edit, each in its own process, ``pairs``
+    interleaved pairs (order alternating); the medians are the figures, every sample is kept."""
     policy = default_policy()
-    ours = run_case("--case", 100, 1, policy, threads)
-    print(f"  100 concepts, erasepro: {ours['solve_s']:.1f} s, {ours['peak_rss_gb']:.2f} GB", file=sys.stderr)
-    peer = run_case("--ref-case", 100, 1, policy, threads)
-    print(f"  100 concepts, peer: {peer['edit_s']:.1f} s, {peer['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    runs: dict[str, list[dict]] = {"erasepro": [], "ref_uce": []}
+    for index in range(pairs):
+        order = ["erasepro", "ref_uce"] if index % 2 == 0 else ["ref_uce", "erasepro"]
+        for name in order:
+            if name == "erasepro":
+                runs[name].append(run_case("--case", 100, 1, policy, threads))
+                r = runs[name][-1]
+                print(f"  100 concepts, erasepro: {r['solve_s']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr)
+            else:
+                runs[name].append(run_case("--ref-case", 100, 1, policy, threads))
+                r = runs[name][-1]
+                print(f"  100 concepts, peer: {r['edit_s']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    solve = [r["solve_s"] for r in runs["erasepro"]]
+    edit = [r["edit_s"] for r in runs["ref_uce"]]
+    ours = min(runs["erasepro"], key=lambda r: abs(r["solve_s"] - statistics.median(solve)))  # the median run
+    peer = min(runs["ref_uce"], key=lambda r: abs(r["edit_s"] - statistics.median(edit)))
     return {
-        "concepts100_over_ref_uce": ours["solve_s"] / peer["edit_s"],
-        "peak_rss_100_gb": ours["peak_rss_gb"],
-        "concepts100_solve_s": ours["solve_s"],
-        "concepts100_ref_uce_edit_s": peer["edit_s"],
-        "concepts100_ref_uce_peak_rss_gb": peer["peak_rss_gb"],
+        "concepts100_over_ref_uce": statistics.median(solve) / statistics.median(edit),
+        "peak_rss_100_gb": statistics.median(r["peak_rss_gb"] for r in runs["erasepro"]),
+        "concepts100_solve_s": statistics.median(solve),
+        "concepts100_ref_uce_edit_s": statistics.median(edit),
+        "concepts100_samples_s": {"erasepro": solve, "ref_uce": edit},
+        "concepts100_peak_rss_samples_gb": {name: [r["peak_rss_gb"] for r in rs] for name, rs in runs.items()},
+        "concepts100_ref_uce_peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs["ref_uce"]),
         "concepts100_ref_uce_load_s": peer["load_s"],
         "concepts100_load_s": ours["load_s"],
         "concepts100": ours,
@@ -638,9 +653,12 @@ def markdown(report: dict) -> str:
         f"load average before each pair {d['cold_pair_load_average']}. First use of a base model (computes and caches "
         f"the caption summary): {d['cold_erase_first_use_s']:.1f} s, {d['peak_rss_first_use_gb']:.2f} GB.",
         f"100 concepts (template \"{{}}\", {c100['token_policy']}, {c100['preserve_prompts']} preserve prompts, "
-        f"{c100['captions']} default captions), one process each, weights loaded: erasepro solve {c100['solve_s']:.1f} s "
-        f"(load {c100['load_s']:.1f} s), peak RSS {c100['peak_rss_gb']:.2f} GB; peer edit {r100['edit_s']:.1f} s "
-        f"(pipeline load {r100['load_s']:.1f} s), peak RSS {r100['peak_rss_gb']:.2f} GB.",
+        f"{c100['captions']} default captions), one process each, weights loaded, median of "
+        f"{len(d['concepts100_samples_s']['erasepro'])} interleaved pairs: erasepro solve {d['concepts100_solve_s']:.1f} s "
+        f"(load {c100['load_s']:.1f} s), peak RSS {d['peak_rss_100_gb']:.2f} GB; peer edit "
+        f"{d['concepts100_ref_uce_edit_s']:.1f} s (pipeline load {r100['load_s']:.1f} s), peak RSS "
+        f"{d['concepts100_ref_uce_peak_rss_gb']:.2f} GB. Samples: erasepro {_seconds(d['concepts100_samples_s']['erasepro'])}, "
+        f"peer {_seconds(d['concepts100_samples_s']['ref_uce'])}.",
         f"Adapter of the one-concept erasure: {d['adapter_tensor_bytes'] / 2**20:.2f} MB of tensors "
         f"({d['adapter_file_bytes'] / 2**20:.2f} MB file, {d['adapter_sites']} sites, rank ≤ {d['adapter_max_rank']}) "
         f"against {d['dense_delta_bytes'] / 2**20:.1f} MB of dense float32 ΔW "
