@@ -467,3 +467,46 @@ def test_non_finite_metric_features_are_named(problem, where):
     kwargs = {"preserve": bad, "preserve_mode": "soft", "preserve_weight": 0.5} if where == "preserve" else {"soft": bad}
     with pytest.raises(ValueError, match="preserve features .* NaN or infinite"):
         factorize_zero_residual(X, **kwargs)
+
+
+@pytest.mark.parametrize("direction", ["top", "bottom"])
+def test_solve_shared_decides_already_met_per_site(direction):
+    """Targets met to rounding in input space are not necessarily met through a site's W, and the other way round:
+    each site decides as :func:`solve` does (no update, no warning, exactly where solve stores none)."""
+    g = torch.Generator().manual_seed(3)
+    d, n = 16, 4
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    Vt, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    W = U @ torch.diag(torch.logspace(0, -2, d, dtype=torch.float64)) @ Vt.T  # condition number 100
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    column, eps = (0, 5e-7) if direction == "top" else (d - 1, 2e-6)
+    E = Vt[:, column : column + 1].repeat(1, n)
+    Y = X + eps * torch.linalg.norm(X) * E / torch.linalg.norm(E)
+    fact = factorize_zero_residual(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapacityWarning)
+        ours = solve_shared(fact, {"site": W}, Y, strict=True)["site"]
+        alone = solve(fact, W, W @ Y, strict=True)
+    assert ours.delta.rank == alone.delta.rank
+    assert torch.allclose(ours.delta.dense(), alone.delta.dense(), rtol=0, atol=1e-12)
+    assert ours.report.residual == pytest.approx(alone.report.residual, rel=1e-6, abs=1e-20)
+
+
+def test_solve_shared_stores_nothing_where_a_site_changes_nothing():
+    X, Y, V, Y_soft, P, S, _ = _shared_problem(3)
+    fact = factorize_zero_residual(X, preserve=P, preserve_mode="soft", preserve_weight=0.3, soft=S, soft_targets=V)
+    zero = solve_shared(fact, {"zero": torch.zeros(5, X.shape[0], dtype=torch.float64)}, Y, Y_soft=Y_soft)["zero"]
+    assert zero.delta.rank == 0 and zero.report.update_rank == 0 and zero.report.delta_norm == 0.0
+    bad = torch.randn(5, X.shape[0], dtype=torch.float64)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        solve_shared(fact, {"bad": bad}, Y, Y_soft=Y_soft)
+
+
+@pytest.mark.parametrize("mode, weight", [("none", 1.0), ("soft", 0.0), ("exact", 1.0)])
+def test_non_finite_preserve_features_outside_the_metric_are_refused(problem, mode, weight):
+    W, X, T = problem
+    bad = torch.randn(W.shape[1], 4, dtype=torch.float64)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        factorize_zero_residual(X, preserve=bad, preserve_mode=mode, preserve_weight=weight)

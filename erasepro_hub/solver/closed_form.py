@@ -309,7 +309,8 @@ def factorize_zero_residual(
     if rtol <= 0 or ridge < 0 or preserve_weight < 0:
         raise ValueError("rtol must be > 0; ridge and preserve_weight must be >= 0")
     # preserve features that only enter the metric are checked through its Gram matrix (metric.metric_solver)
-    P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d, finite=preserve_mode == "exact")
+    in_metric = preserve_mode == "soft" and preserve_weight > 0
+    P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d, finite=not in_metric)
     if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
     # the soft metric M = I + Q Qᵀ, and the columns that must hold exactly: [X] or [X P]
@@ -668,41 +669,55 @@ def solve_shared(
     if (soft is None) != (Y_soft is None):
         raise ValueError("Y_soft is needed exactly when the factorisation has soft targets")
     Y_soft = _as_matrix("Y_soft", Y_soft, rows=d, finite=False) if Y_soft is not None else None
+    if soft is not None and soft.A is None:  # the one-site (dense) soft form: nothing to share
+        return {
+            key: solve(fact, w, w.double() @ Y, T_soft=w.double() @ Y_soft, strict=strict, residual_tol=residual_tol, site=key)
+            for key, w in weights.items()
+        }
     # each site reports (and warns about) its own residual below
     base, *_ = _update(
         fact, None, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
         residual_tol=residual_tol, site="the shared input-space update",
     )
-    # in input space: what the constraints still miss, what the update does to the preserve inputs
+    # in input space: what the exact part has to do (after the soft part), what it leaves, what the update does
+    # to the preserve inputs; "already met" (no exact part stored) is decided as solve decides it, per site
+    R_exact = (Y - fact.X) - ((Y_soft - soft.V) @ soft.AX if soft is not None else 0.0)
+    shared_met = fact.exact and float(torch.linalg.matrix_norm(R_exact)) <= residual_tol * float(torch.linalg.matrix_norm(Y))
     miss = (Y - fact.X) - base.B @ (base.A @ fact.X) if base.rank else Y - fact.X
     AP = base.A @ fact.P if fact.P is not None and base.rank else None
     P32 = fact.P.to(torch.float32) if fact.P is not None else None
     gram = base.A @ base.A.T if base.rank and base.rank <= d and not _is_identity(base.B) else None
+    n = Y.shape[1]
     results = {}
     for key, weight in weights.items():
         if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != d:
             raise ValueError(f"{key}: W{tuple(getattr(weight, 'shape', ()))} does not read inputs of width {d}")
         W = weight.detach().to(torch.float64)
         m = W.shape[0]
+        products = W @ torch.cat([Y, miss, R_exact], dim=1)  # W Y, what the site still misses, its exact residual
+        if not torch.isfinite(products).all():
+            raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
+        t_norm = float(torch.linalg.matrix_norm(products[:, :n]))
+        met = fact.exact and float(torch.linalg.matrix_norm(products[:, 2 * n :])) <= residual_tol * t_norm
+        if met != shared_met:  # this site's W decides "already met" the other way: solve it on its own
+            results[key] = solve(
+                fact, weight, W @ Y, T_soft=W @ Y_soft if soft is not None else None, strict=strict,
+                residual_tol=residual_tol, site=key,
+            )
+            continue
         delta_norm = 0.0
-        if not base.rank:
-            delta = LowRankDelta.zeros(m, d)
-            B = None
+        B = W @ base.B if base.rank else None
+        if B is None or not torch.any(B):  # nothing to change at this site: the zero update, rank 0
+            delta, B = LowRankDelta.zeros(m, d), None
+        elif base.rank > min(m, d):
+            delta, delta_norm = _as_dense(B @ base.A)
         else:
-            B = W @ base.B
-            if not torch.isfinite(B).all():
-                raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
-            if base.rank > min(m, d):
-                delta, delta_norm = _as_dense(B @ base.A)
-            else:
-                delta = LowRankDelta(B, base.A)
-                delta_norm = _frobenius(B, gram) if gram is not None else float(torch.linalg.matrix_norm(B @ base.A))
-        both = W @ torch.cat([Y, miss], dim=1)
-        t_norm = float(torch.linalg.matrix_norm(both[:, : Y.shape[1]]))
-        miss_norm = float(torch.linalg.matrix_norm(both[:, Y.shape[1] :]))
+            delta = LowRankDelta(B, base.A)
+            delta_norm = _frobenius(B, gram) if gram is not None else float(torch.linalg.matrix_norm(B @ base.A))
+        miss_norm = float(torch.linalg.matrix_norm(products[:, n : 2 * n]))
         residual = miss_norm / t_norm if t_norm > 0 else miss_norm
         preserve_residual = None
-        if fact.P is not None:
+        if fact.P is not None:  # ||W P|| in the features' float32, as the stage computed W P
             wp = float(torch.linalg.matrix_norm((weight.detach().to(torch.float32) @ P32).double()))
             dp = float(torch.linalg.matrix_norm(B @ AP)) if B is not None else 0.0
             preserve_residual = dp / wp if wp > 0 else dp
