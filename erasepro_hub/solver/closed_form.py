@@ -214,21 +214,6 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-@dataclass(frozen=True)
-class _Identity:
-    """The ``d × d`` identity as a weight, without its ``d²`` entries until :meth:`dense` is asked for."""
-
-    d: int
-    device: torch.device
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.d, self.d)
-
-    def dense(self) -> Tensor:
-        return torch.eye(self.d, dtype=torch.float64, device=self.device)
-
-
 def _as_matrix(name: str, value: Tensor, rows: int | None = None, *, finite: bool = True) -> Tensor:
     """``value`` as a float64 matrix, its shape checked (and, with ``finite``, its entries)."""
     if not isinstance(value, Tensor):
@@ -516,13 +501,25 @@ def solve(
     Returns:
         :class:`SolveResult` with a float64 :class:`LowRankDelta` and its :class:`SolveReport`.
     """
-    delta, residual, preserve_residual, delta_norm = _update(
-        fact, W, T, residual_tol=residual_tol, site=site, WX=WX, WP=WP, T_soft=T_soft, WV=WV
-    )
+    up = _update(fact, W, T, residual_tol=residual_tol, site=site, WX=WX, WP=WP, T_soft=T_soft, WV=WV)
     report = _report(
-        fact, fact.input_dim, delta, residual, preserve_residual, delta_norm, site=site, strict=strict, residual_tol=residual_tol
+        fact, fact.input_dim, up.delta, up.residual, up.preserve_residual, up.delta_norm, site=site, strict=strict,
+        residual_tol=residual_tol,
     )
-    return SolveResult(delta, report)
+    return SolveResult(up.delta, report)
+
+
+@dataclass(frozen=True)
+class _Update:
+    """What :func:`_update` computes: the update and its figures, and the exact columns' residual ``R_exact`` (what
+    the exact part had to do after the soft part) with whether it already met the targets."""
+
+    delta: LowRankDelta
+    residual: float
+    preserve_residual: float | None
+    delta_norm: float
+    R_exact: Tensor
+    already_met: bool
 
 
 def _update(
@@ -536,17 +533,19 @@ def _update(
     WP: Tensor | None,
     T_soft: Tensor | None,
     WV: Tensor | None,
-) -> tuple[LowRankDelta, float, float | None, float]:
+) -> _Update:
     """:func:`solve` without its report: the update, its residual, preserve residual and Frobenius norm.
 
-    ``W=None`` is the identity (:func:`solve_shared`'s input-space problem), formed only if ``W X``, ``W P`` or
-    ``W V`` is not given.
+    ``W=None`` is the identity (:func:`solve_shared`'s input-space problem), never formed: ``W X``, ``W P`` and
+    ``W V`` must then be given. Also returns the exact columns' residual ``R_exact`` (after the soft part) and
+    whether it already met the targets (no exact part stored), which :func:`solve_shared` reads per site.
     """
     if W is None:
-        W = _Identity(fact.input_dim, fact.X.device)
+        m = d = fact.input_dim
     elif not isinstance(W, Tensor) or W.ndim != 2:
         raise ValueError(f"W must be a 2-D tensor, got {getattr(W, 'shape', type(W).__name__)}")
-    m, d = W.shape
+    else:
+        m, d = W.shape
     if d != fact.input_dim:
         raise ValueError(f"W{tuple(W.shape)} does not read inputs of width {fact.input_dim}")
     # the inputs are checked for shape only: a NaN or inf anywhere shows in the update, checked once below
@@ -559,7 +558,7 @@ def _update(
         raise ValueError("T_soft is needed exactly when the factorisation has soft targets")
     # W only enters through W X, W V (and W P for the report): convert it only when they were not given
     need_w = WX is None or (fact.P is not None and WP is None) or (soft is not None and WV is None)
-    W64 = (W.dense() if isinstance(W, _Identity) else _as_matrix("W", W, finite=False)) if need_w else None
+    W64 = _as_matrix("W", W, finite=False) if need_w else None
     R = T - (W64 @ fact.X if WX is None else _as_matrix("WX", WX, rows=m, finite=False))
     t_norm = float(torch.linalg.matrix_norm(T))
     # the soft-target part of the update, R_v A_soft; the exact part then corrects what it does to X (and P)
@@ -635,7 +634,7 @@ def _update(
         dp = float(torch.linalg.matrix_norm(B @ AP if dense_soft is None else soft_p + B @ AP))
         preserve_residual = dp / wp if wp > 0 else dp
     delta_norm = (_frobenius(B, gram()) if delta_norm is None else delta_norm) if delta.rank else 0.0
-    return delta, residual, preserve_residual, delta_norm
+    return _Update(delta, residual, preserve_residual, delta_norm, R_exact, already_met)
 
 
 def solve_shared(
@@ -675,14 +674,13 @@ def solve_shared(
             for key, w in weights.items()
         }
     # each site reports (and warns about) its own residual below
-    base, *_ = _update(
+    shared = _update(
         fact, None, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
         residual_tol=residual_tol, site="the shared input-space update",
     )
+    base, R_exact, shared_met = shared.delta, shared.R_exact, shared.already_met
     # in input space: what the exact part has to do (after the soft part), what it leaves, what the update does
     # to the preserve inputs; "already met" (no exact part stored) is decided as solve decides it, per site
-    R_exact = (Y - fact.X) - ((Y_soft - soft.V) @ soft.AX if soft is not None else 0.0)
-    shared_met = fact.exact and float(torch.linalg.matrix_norm(R_exact)) <= residual_tol * float(torch.linalg.matrix_norm(Y))
     miss = (Y - fact.X) - base.B @ (base.A @ fact.X) if base.rank else Y - fact.X
     AP = base.A @ fact.P if fact.P is not None and base.rank else None
     P32 = fact.P.to(torch.float32) if fact.P is not None else None
