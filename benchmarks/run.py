@@ -455,7 +455,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     from erasepro_hub import erase as E
     from erasepro_hub import recipe as R
     from erasepro_hub.adapters.lora import stored_deltas, to_state_dict
-    from erasepro_hub.models.progressive import solve_erasure
+    from erasepro_hub.models.progressive import pass_sizes, solve_erasure
 
     recipe = scaling_recipe(concepts, templates, policy)
     start = time.perf_counter()
@@ -472,6 +472,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     state = to_state_dict(stored_deltas(sol.deltas, "lora", torch.float32))
     te = [s.report for s in sol.sites if not s.key.startswith("unet.")]
     kv = [s.report for s in sol.sites if s.key.startswith("unet.")]
+    sizes = pass_sizes(base.model, plan)
     return {
         "concepts": concepts,
         "templates": templates,
@@ -494,6 +495,10 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
         "max_residual_kv": max(r.residual for r in kv),
         "te_rank": max((r.constraint_rank for r in te), default=0),
         "kv_update_rank": max(r.update_rank for r in kv),
+        "target_pass_tokens": sizes["tokens"],
+        "rectangular_tokens": sizes["rectangular_tokens"],
+        "soft_columns": sizes["soft_columns"],
+        "soft_copies": sizes["soft_copies"],
     }
 
 
@@ -680,14 +685,16 @@ def markdown(report: dict) -> str:
         "",
         "## Scaling (one process per row)",
         "",
-        "| concepts | templates | policy | constraints | solve s (of which captions) | peak RSS GB | adapter MB | TE: N ≤ d | max residual TE | max residual K/V | zero residual |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| concepts | templates | policy | constraints | soft columns (copies) | target-pass tokens (rectangular) | solve s (of which captions) | peak RSS GB | adapter MB | TE: N ≤ d | max residual TE | max residual K/V | zero residual |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["scaling"]:
         te_res = "–" if r["max_residual_te"] is None else f"{r['max_residual_te']:.1e}"
         worst = max(v for v in (r["max_residual_te"], r["max_residual_kv"]) if v is not None)
         lines.append(
-            f"| {r['concepts']} | {r['templates']} | {r['token_policy']} | {r['constraints']} | {r['solve_s']:.1f} ({r['captions_s']:.1f}) | "
+            f"| {r['concepts']} | {r['templates']} | {r['token_policy']} | {r['constraints']} | "
+            f"{r['soft_columns']} ({r['soft_copies']}) | {r['target_pass_tokens']} ({r['rectangular_tokens']}) | "
+            f"{r['solve_s']:.1f} ({r['captions_s']:.1f}) | "
             f"{r['peak_rss_gb']:.2f} | {r['adapter_mb']:.1f} | {'yes' if r['constraints'] <= r['te_width'] else 'no'} | "
             f"{te_res} | {r['max_residual_kv']:.1e} | {'yes' if worst <= r['residual_tol'] else '**no** (least squares)'} |"
         )

@@ -314,10 +314,12 @@ def detect_family_from_pipeline(pipe) -> str:
     return sd_family(te.config.hidden_size, getattr(pipe.tokenizer, "pad_token", None))
 
 
-def run_encoder(te: TextEncoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them."""
+def run_encoder(te: TextEncoder, ids: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prompt embedding, pooled embedding or None)`` exactly as the diffusers pipelines compute them; ``inputs``
+    (``attention_mask``, ``position_ids``) go to the model as they are."""
     device = te.model.device
-    out = te.model(ids.to(device), output_hidden_states=te.spec.embed != "last")
+    extra = {name: value.to(device) for name, value in inputs.items()}
+    out = te.model(ids.to(device), output_hidden_states=te.spec.embed != "last", **extra)
     embeds = out.last_hidden_state if te.spec.embed == "last" else out.hidden_states[-2]
     pooled = getattr(out, te.spec.pooled) if te.spec.pooled else None
     return embeds, pooled

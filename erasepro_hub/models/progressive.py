@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -59,6 +59,7 @@ from .conditioning import (
     read_length,
 )
 from .loading import DTYPES
+from .packing import PackedPrompts, pack_prefixes
 from .preservation import caption_summaries
 from .prompts import (
     Encoded,
@@ -183,6 +184,7 @@ class _EncoderTokens:
     soft_eos: torch.Tensor
     preserve_positions: tuple[torch.Tensor, torch.Tensor]
     preserve_eos: tuple[torch.Tensor, torch.Tensor]
+    weight: torch.Tensor | None = None  # per entry of ``positions``: √(copies merged into it) (:func:`_merge_soft`)
 
 
 @dataclass
@@ -193,6 +195,7 @@ class _Tokens:
     encoders: list[_EncoderTokens]
     final: PairPositions
     final_soft: torch.Tensor
+    final_weight: torch.Tensor | None
     final_preserve: tuple[torch.Tensor, torch.Tensor]
     anchor_rows: torch.Tensor
     n_exact: int
@@ -238,12 +241,60 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
                     f"{model.text_encoders[i].component} place the constrained tokens at different positions; "
                     "use plain words around the concept"
                 )
+    in_segments = {i for segment in model.conditioning.segments for i in segment}
+    groups = list(model.conditioning.segments) + [(i,) for i in range(len(per_encoder)) if i not in in_segments]
+    for group in groups:  # encoders side by side read the same positions: merged alike
+        first = per_encoder[group[0]]
+        causal = all(model.text_encoders[i].arch.causal for i in group)
+        ids = [per_encoder[i].targets.ids for i in group]
+        keep, weight = _merge_soft(first.positions, first.soft, ids, causal=causal)
+        merged = {"positions": _select(first.positions, keep), "soft": first.soft[keep], "weight": weight}
+        for i in group:
+            per_encoder[i] = replace(per_encoder[i], **merged)
     # the final stage's rows: each segment's own positions, shifted (the alignment is not computed again)
     final = join_pairs(model, [e.targets for e in per_encoder], {i: e.positions for i, e in enumerate(per_encoder)})
+    final_weight = torch.cat([per_encoder[segment[0]].weight for segment in model.conditioning.segments])
     final_preserve = (
         joint_single_positions(model, plan.token_policy, [e.preserve for e in per_encoder]) if plan.preserve else empty
     )
-    return _Tokens(per_encoder, final, final.t_rows >= n_exact, final_preserve, torch.tensor(anchor_rows), n_exact)
+    return _Tokens(
+        per_encoder, final, final.t_rows >= n_exact, final_weight, final_preserve, torch.tensor(anchor_rows), n_exact
+    )
+
+
+def _select(positions: PairPositions, keep: torch.Tensor) -> PairPositions:
+    return PairPositions(positions.t_rows[keep], positions.t_pos[keep], positions.a_rows[keep], positions.a_pos[keep])
+
+
+def _merge_soft(
+    positions: PairPositions, soft: torch.Tensor, ids: list[torch.Tensor], *, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft entries that are the same column: one entry each, weighted ``√k`` for its ``k`` copies.
+
+    A soft pair's column enters the objective as ``λ_v ||ΔW v − r||²``; ``k`` identical columns with the same
+    target are ``k λ_v ||ΔW v − r||²``, which the one column scaled by ``√k`` (with its target) gives exactly.
+    Columns are identical where the tokens they depend on are: in a causal encoder the prefix up to the
+    position (the misspellings of one name share the tokens of the word they leave intact), in a
+    bidirectional one the whole prompt. Returns the entries kept (exact ones all, in order) and every kept
+    entry's weight (``1`` for exact ones), exactly representable in float32 so that columns in either dtype
+    carry the same weight.
+    """
+    keep: list[int] = []
+    count: list[int] = []
+    seen: dict[tuple, int] = {}
+    rows, pos, a_rows, a_pos = (t.tolist() for t in (positions.t_rows, positions.t_pos, positions.a_rows, positions.a_pos))
+    for i, is_soft in enumerate(soft.tolist()):
+        if is_soft:
+            tokens = tuple(tuple(t[rows[i], : pos[i] + 1].tolist() if causal else t[rows[i]].tolist()) for t in ids)
+            key = (pos[i], tokens, a_rows[i], a_pos[i])
+            if key in seen:
+                count[seen[key]] += 1
+                continue
+            seen[key] = len(keep)
+        keep.append(i)
+        count.append(1)
+    weight = torch.tensor(count, dtype=torch.float64).sqrt().float().double()
+    return torch.tensor(keep, dtype=torch.long), weight
 
 
 def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_Stage]]:
@@ -348,11 +399,20 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Ten
     return t[rows.to(t.device), pos.to(t.device)]
 
 
-def _split(rows: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows (one per constrained token) → the exact pairs' columns and the soft pairs' (``None`` without)."""
+def _split(
+    rows: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (one per constrained token) → the exact pairs' columns and the soft pairs' (``None`` without), each
+    soft column times its ``weight`` (:func:`_merge_soft`): every soft quantity of a solve — inputs, ``W x``,
+    targets — goes through here, so a merged column and its target are scaled alike."""
     soft = soft.to(rows.device)
     exact = rows[~soft].T
-    return exact, (rows[soft].T if bool(soft.any()) else None)
+    if not bool(soft.any()):
+        return exact, None
+    columns = rows[soft]
+    if weight is not None:
+        columns = columns * weight[soft.cpu()].to(device=rows.device, dtype=rows.dtype)[:, None]
+    return exact, columns.T
 
 
 def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
@@ -449,6 +509,7 @@ def _solve_stage(
     soft: torch.Tensor,
     plan: ErasurePlan,
     caption_summary: torch.Tensor | None,
+    soft_weight: torch.Tensor | None = None,
 ):
     """One text-encoder stage: the wanted outputs from the anchor capture, the shared factorisation, the solve."""
     if stage.mode == "site":
@@ -457,9 +518,9 @@ def _solve_stage(
         T = anchor.double() - inputs.residual.double()
         if inputs.bias is not None:
             T = T - inputs.bias.double()
-    X, V = _split(inputs.X, soft)
+    X, V = _split(inputs.X, soft, soft_weight)
     fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V, one_site=True)
-    (WX, WV), (T, T_soft) = _split(inputs.WX, soft), _split(T, soft)
+    (WX, WV), (T, T_soft) = _split(inputs.WX, soft, soft_weight), _split(T, soft, soft_weight)
     return solve(
         fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
         T_soft=T_soft, WV=WV,
@@ -502,13 +563,21 @@ def _target_pass(
             residual=_gather(stash.pop(stage.name), pos.t_rows, pos.t_pos) if stage.mode == "stream" else None,
             bias=bias,
         )
-        soft = tokens.soft_eos if stage.eos else tokens.soft
-        result = _solve_stage(stage, mod.weight, inputs, anchor_caps[stage.name], soft, plan, summaries.get(stage.name))
+        soft, soft_weight = (tokens.soft_eos, None) if stage.eos else (tokens.soft, tokens.weight)
+        result = _solve_stage(
+            stage, mod.weight, inputs, anchor_caps[stage.name], soft, plan, summaries.get(stage.name), soft_weight
+        )
         recorder.add(stage.name, f"{te.component}.layer{stage.layer}" + (".pooled" if stage.eos else ""), result)
         recorder.stage_done(stage.name)
         factors = result.delta.to(plan.factor_dtype)
         return output + factors.apply(x.to(plan.factor_dtype)).to(output.dtype)
 
+    ids = _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
+    packed = _packed(te, ids, tokens)
+    if packed is not None:  # the hooks then read the packed batch
+        tokens = replace(
+            tokens, positions=_located(tokens.positions, packed), eos_positions=_located(tokens.eos_positions, packed)
+        )
     with ExitStack() as hooks:
         for stage in stages:
             if stage.mode == "stream":
@@ -517,7 +586,42 @@ def _target_pass(
                 hooks.callback(point.register_forward_pre_hook(partial(stash_hook, stage, index)).remove)
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(solve_hook, stage)).remove)
-        return run_encoder(te, _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos))
+        if packed is None:
+            return run_encoder(te, ids)
+        mask = packed.additive_mask(te.model.dtype)
+        embeds, pooled = run_encoder(te, packed.ids, attention_mask=mask, position_ids=packed.position_ids)
+        return packed.unpack(embeds), pooled
+
+
+def _packed(te: TextEncoder, ids: torch.Tensor, tokens: _EncoderTokens) -> PackedPrompts | None:
+    """The target prompts as a prefix tree (:mod:`.packing`) where that is exact and saves work: a causal encoder
+    whose pooled output the solve does not read (the model computes it at the last token of each row)."""
+    if not te.arch.causal or te.spec.pooled is not None:
+        return None
+    last = torch.full((ids.shape[0],), -1, dtype=torch.long)
+    for pos in (tokens.positions, tokens.eos_positions):
+        last = last.scatter_reduce(0, pos.t_rows, pos.t_pos, reduce="amax")
+    return pack_prefixes(ids, last)
+
+
+def pass_sizes(model: EditModel, plan: ErasurePlan) -> dict[str, int]:
+    """What the target pass of ``plan`` runs, summed over the text encoders: ``tokens`` (the prefix tree's, where
+    it is used), ``rectangular_tokens`` (the batch cut after the last read position), ``soft_columns`` (after
+    merging copies) and ``soft_copies`` (before)."""
+    sizes = dict.fromkeys(("tokens", "rectangular_tokens", "soft_columns", "soft_copies"), 0)
+    for te, tok in zip(model.text_encoders, _tokenize(model, plan).encoders):
+        ids = _window(te, tok.targets.ids, tok.positions.t_pos, tok.eos_positions.t_pos)
+        packed = _packed(te, ids, tok)
+        sizes["tokens"] += (packed.ids if packed is not None else ids).numel()
+        sizes["rectangular_tokens"] += ids.numel()
+        sizes["soft_columns"] += int(tok.soft.sum())
+        sizes["soft_copies"] += round(float(tok.weight[tok.soft].square().sum()))
+    return sizes
+
+
+def _located(positions: PairPositions, packed: PackedPrompts) -> PairPositions:
+    rows, pos = packed.locate(positions.t_rows, positions.t_pos)
+    return PairPositions(rows, pos, positions.a_rows, positions.a_pos)
 
 
 def _gather_joint(model: EditModel, sequences: list[torch.Tensor], lengths: list[int], rows: torch.Tensor, pos: torch.Tensor):
@@ -544,6 +648,7 @@ def _final_sites(
     Ym: torch.Tensor,
     Pm: torch.Tensor | None,
     soft: torch.Tensor,
+    soft_weight: torch.Tensor | None,
     summary: torch.Tensor | None,
     recorder: _Recorder,
     stage: str,
@@ -551,9 +656,9 @@ def _final_sites(
     """Sites that read the same rows (the prompt embedding's, or the pooled vector's) and want ``W Y`` for them: one
     factorisation and one solve in input space (:func:`~erasepro_hub.solver.solve_shared`), then ``ΔW = W ΔW_I``
     per site."""
-    X, V = _split(Xm, soft)
+    X, V = _split(Xm, soft, soft_weight)
     fact = _factorize(plan, X, Pm.T if Pm is not None else None, soft=summary, soft_targets=V, uce=plan.method == "uce")
-    Y, Y_soft = _split(Ym, soft)
+    Y, Y_soft = _split(Ym, soft, soft_weight)
     solver = plan.recipe.solver
     results = solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol)
     for key, result in results.items():
@@ -611,13 +716,13 @@ def solve_erasure(
     Ym = joint([o[0] for o in original], rows=final.a_rows, pos=final.a_pos)
     Pm = joint([o[0] for o in preserved], rows=tokens.final_preserve[0], pos=tokens.final_preserve[1]) if preserved else None
     stage = MMDIT_STAGE if model.conditioning.sequence_sites else FINAL_STAGE
-    _final_sites(plan, model.kv_weights, Xm, Ym, Pm, tokens.final_soft, summaries.get(FINAL_STAGE), recorder, stage)
+    _final_sites(plan, model.kv_weights, Xm, Ym, Pm, tokens.final_soft, tokens.final_weight, summaries.get(FINAL_STAGE), recorder, stage)
     if model.pooled_weights:  # one row per prompt: the pooled vector
         Xp = pooled_vector(model, [o[1] for o in edited])
         Yp = pooled_vector(model, [o[1] for o in original])[tokens.anchor_rows]
         Pp = pooled_vector(model, [o[1] for o in preserved]) if preserved else None
         soft = torch.arange(n_targets) >= tokens.n_exact
-        _final_sites(plan, model.pooled_weights, Xp, Yp, Pp, soft, summaries.get(FINAL_POOLED), recorder, stage)
+        _final_sites(plan, model.pooled_weights, Xp, Yp, Pp, soft, None, summaries.get(FINAL_POOLED), recorder, stage)
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0
     stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
@@ -642,5 +747,6 @@ __all__ = [
     "ErasurePlan",
     "ErasureSolution",
     "SiteSolution",
+    "pass_sizes",
     "solve_erasure",
 ]

@@ -1,0 +1,122 @@
+"""The target pass over a prefix tree (erasepro_hub.models.packing) and the merged soft columns: both are
+exact rewrites of the rectangular pass and of the per-prompt soft terms, so the solve must not move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO
+
+from erasepro_hub import erase as E
+from erasepro_hub.manifest import load_manifest
+from erasepro_hub.models import progressive as PG
+from erasepro_hub.models.base import run_encoder
+from erasepro_hub.models.packing import pack_prefixes
+from erasepro_hub.models.prompts import PromptPair
+from erasepro_hub.recipe import plan_from_recipe
+
+_DEMO = load_manifest(REPO / "manifests" / "demo.yaml").recipe()
+
+IDS = torch.tensor([
+    [7, 1, 2, 3, 9, 9],
+    [7, 1, 2, 4, 5, 9],
+    [7, 1, 6, 9, 9, 9],
+    [7, 8, 2, 3, 9, 9],
+    [7, 1, 2, 3, 9, 9],  # the same prompt as the first
+])
+LAST = torch.tensor([4, 5, 3, 2, 4])
+
+
+def test_every_read_position_sits_under_its_own_prefix():
+    packed = pack_prefixes(IDS, LAST)
+    assert packed is not None
+    # distinct prefixes: BOS, then 1, 1-2, 1-2-3, 1-2-3-9, 1-2-4, 1-2-4-5, 1-2-4-5-9, 1-6, 1-6-9, 8, 8-2 = 12 (+ BOS copies)
+    assert int((packed.ids != -1).sum()) >= 12 and packed.ids.numel() < IDS.numel()
+    for i in range(len(IDS)):
+        for p in range(int(LAST[i]) + 1):
+            row, col = packed.locate(torch.tensor([i]), torch.tensor([p]))
+            row, col = int(row), int(col)
+            assert int(packed.ids[row, col]) == int(IDS[i, p]) and int(packed.position_ids[row, col]) == p
+            seen = packed.mask[row, 0, col].nonzero().flatten().tolist()
+            # it attends to exactly its prefix: p + 1 tokens, which spell IDS[i, :p + 1] in position order
+            assert len(seen) == p + 1
+            order = sorted(seen, key=lambda c: int(packed.position_ids[row, c]))
+            assert [int(packed.ids[row, c]) for c in order] == IDS[i, : p + 1].tolist()
+    # positions past a prompt's last read one are not in the tree
+    with pytest.raises(ValueError, match="outside"):
+        packed.locate(torch.tensor([3]), torch.tensor([4]))
+
+
+def test_no_tree_where_it_saves_little_or_the_prompts_start_differently():
+    assert pack_prefixes(IDS[:1], LAST[:1]) is None  # one prompt: the tree is the row
+    other = IDS.clone()
+    other[1, 0] = 5
+    assert pack_prefixes(other, LAST) is None
+
+
+def test_the_packed_pass_equals_the_rectangular_one_at_every_read_position():
+    base = E.load_base(_DEMO)
+    te = base.model.text_encoders[0]
+    assert te.arch.causal and te.spec.pooled is None
+    plan = plan_from_recipe(_DEMO)
+    tokens = PG._tokenize(base.model, plan).encoders[0]
+    ids = PG._window(te, tokens.targets.ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
+    packed = PG._packed(te, ids, tokens)
+    assert packed is not None and packed.ids.numel() < ids.numel()
+    with torch.no_grad():
+        plain, _ = run_encoder(te, ids)
+        tree, _ = run_encoder(te, packed.ids, attention_mask=packed.additive_mask(te.model.dtype),
+                              position_ids=packed.position_ids)
+    read = packed.column >= 0
+    assert int(read.sum()) > len(ids)
+    unpacked = packed.unpack(tree)
+    assert torch.allclose(unpacked[read], plain[read], atol=1e-5, rtol=1e-5)
+    assert not unpacked[~read].any()
+
+
+def _solve(plan, monkeypatch, *, pack: bool, merge: bool):
+    base = E.load_base(_DEMO)
+    with monkeypatch.context() as m:
+        if not pack:
+            m.setattr(PG, "pack_prefixes", lambda ids, last: None)
+        if not merge:
+            m.setattr(PG, "_merge_soft", lambda positions, soft, ids, causal: (
+                torch.arange(len(soft)), torch.ones(len(soft), dtype=torch.float64)))
+        return {s.key: s.delta.dense() for s in PG.solve_erasure(base.model, plan).sites}
+
+
+def _close(a: dict, b: dict, tol: float, first: float = 1e-6) -> None:
+    """Equal updates: the first stage to ``first`` (nothing before it), deeper ones to ``tol`` (each stage sees the
+    float32 forward pass of the edited model, whose rounding the solve carries on)."""
+    assert a.keys() == b.keys()
+    for i, key in enumerate(a):
+        bound = first if i == 0 else tol
+        assert float((a[key] - b[key]).norm()) <= bound * float(b[key].norm()) + 1e-12, key
+
+
+def test_the_solve_is_the_same_with_the_tree_and_with_merged_columns(monkeypatch):
+    plan = plan_from_recipe(_DEMO)
+    assert plan.soft_pairs  # the demo's misspellings: soft columns, some of them copies
+    reference = _solve(plan, monkeypatch, pack=False, merge=False)
+    # the tree's layout rounds the float32 forward pass differently, hence the first stage's 1e-5
+    _close(_solve(plan, monkeypatch, pack=True, merge=False), reference, 1e-4, first=1e-5)
+    _close(_solve(plan, monkeypatch, pack=False, merge=True), reference, 1e-4, first=1e-5)
+
+
+def test_a_soft_column_twice_at_half_weight_is_the_column_once():
+    """k copies merged into one column weighted √k: the objective, so the update, of the copies."""
+    plan = plan_from_recipe(_DEMO)
+    base = E.load_base(_DEMO)
+    once = plan.recipe.model_copy(update={"prompts": plan.recipe.prompts.model_copy(update={"misspelling_weight": 0.2})})
+    twice = plan.recipe.model_copy(update={"prompts": plan.recipe.prompts.model_copy(update={"misspelling_weight": 0.1})})
+    soft = (PromptPair("Vincent van Gohg", "a painting"),)
+    one = PG.ErasurePlan(once, plan.pairs, soft, plan.preserve, plan.captions)
+    two = PG.ErasurePlan(twice, plan.pairs, soft + soft, plan.preserve, plan.captions)
+    tokens = PG._tokenize(base.model, two).encoders[0]
+    n_soft = int(tokens.soft.sum())
+    assert n_soft == int(PG._tokenize(base.model, one).encoders[0].soft.sum())  # merged: one entry per position
+    assert torch.all(tokens.weight[tokens.soft] == torch.tensor(2.0).sqrt().float().double())
+    a = {s.key: s.delta.dense() for s in PG.solve_erasure(base.model, one).sites}
+    b = {s.key: s.delta.dense() for s in PG.solve_erasure(base.model, two).sites}
+    _close(b, a, 1e-4)
