@@ -83,7 +83,7 @@ class SoftTargets:
     """Columns that should *nearly* reach their targets: the ``λ_v ||ΔW V − R_v||²`` term of the objective.
 
     Attributes:
-        V: ``(d, N_v)`` their inputs.
+        V: ``(d, N_v)`` their inputs (float64; in the dense mode in ``product_dtype``, the only dtype it is read in).
         A: ``(N_v, d)`` ``λ_v (M⁻¹ V)ᵀ``, so that their part of the update is ``R_v A`` (``R_v = T_v − W V``);
             ``None`` in the dense mode.
         AX: ``A X`` (``N_v × N``), what that part does to the exact columns (the exact part corrects it).
@@ -214,8 +214,10 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _as_matrix(name: str, value: Tensor, rows: int | None = None, *, finite: bool = True) -> Tensor:
-    """``value`` as a float64 matrix, its shape checked (and, with ``finite``, its entries)."""
+def _as_matrix(
+    name: str, value: Tensor, rows: int | None = None, *, finite: bool = True, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``value`` as a ``dtype`` (float64) matrix, its shape checked (and, with ``finite``, its entries)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.ndim != 2:
@@ -224,7 +226,7 @@ def _as_matrix(name: str, value: Tensor, rows: int | None = None, *, finite: boo
         raise ValueError(f"{name} must have {rows} rows, got shape {tuple(value.shape)}")
     if finite and not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or infinite values")
-    return value.detach().to(torch.float64)
+    return value.detach().to(dtype)
 
 
 def _as_dense(dense: Tensor) -> tuple[LowRankDelta, float]:
@@ -302,8 +304,12 @@ def factorize_zero_residual(
     factors = [P * preserve_weight**0.5] if preserve_mode == "soft" else []
     if soft is not None and soft.shape[-1]:
         factors.append(_as_matrix("soft", soft, rows=d, finite=False))
-    V = None if soft_targets is None or soft_targets.shape[-1] == 0 else _as_matrix("soft_targets", soft_targets, rows=d)
+    V = None if soft_targets is None or soft_targets.shape[-1] == 0 else soft_targets
+    dense_soft = V is not None and one_site and 2 * V.shape[-1] >= d
     if V is not None:
+        # the dense mode reads V only in the metric's Gram matrix and in products taken in its dtype: V is then
+        # held in that dtype (no float64 copy of d × N_v where the features came in float32)
+        V = _as_matrix("soft_targets", V, rows=d, dtype=gram_dtype if dense_soft else torch.float64)
         if not soft_target_weight > 0:
             raise ValueError("soft_target_weight must be > 0")
     solved = None  # M'⁻¹ Vw, where a branch computes it on the way
@@ -319,7 +325,7 @@ def factorize_zero_residual(
             Z = solve_m(system)
         else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
             base = metric_solver(factors, gram_dtype) if factors else (lambda Y: Y)
-            solve_m, solved, Z = with_columns(base, Vw, system)
+            solve_m, solved, Z = with_columns(base, Vw.double(), system)
         fact = _factorize_soft(X, P, system, Z, mode, rtol, ridge)
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
@@ -327,7 +333,7 @@ def factorize_zero_residual(
         return _zero_residual_factorization(X, P, U[:, :r].T, Vh[:r].T, s, r, system.shape[1], preserve_mode, rtol, ridge)
     if V is None:
         return fact
-    if one_site and 2 * V.shape[1] >= d:
+    if dense_soft:
         return replace(fact, soft_targets=SoftTargets(
             V, None, None, None, solve=solve_m, weight=soft_target_weight, product_dtype=gram_dtype
         ))
@@ -565,7 +571,7 @@ def _update(
     dense_soft = None  # the soft part as an m × d matrix (the dense mode of SoftTargets)
     if soft is not None:
         B_soft = _as_matrix("T_soft", T_soft, rows=m, finite=False) - (
-            W64 @ soft.V if WV is None else _as_matrix("WV", WV, rows=m, finite=False)
+            W64 @ soft.V.double() if WV is None else _as_matrix("WV", WV, rows=m, finite=False)
         )
         if soft.A is None:
             narrow = soft.product_dtype
