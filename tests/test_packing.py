@@ -61,8 +61,7 @@ def test_the_packed_pass_equals_the_rectangular_one_at_every_read_position():
     assert te.arch.causal and te.spec.pooled is None
     plan = plan_from_recipe(_DEMO)
     tokens = PG._tokenize(base.model, plan).encoders[0]
-    ids = PG._window(te, tokens.targets.ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
-    packed = PG._packed(te, ids, tokens)
+    ids, packed = PG._target_batch(te, tokens.targets.ids, tokens)
     assert packed is not None and packed.ids.numel() < ids.numel()
     with torch.no_grad():
         plain, _ = run_encoder(te, ids)

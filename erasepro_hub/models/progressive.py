@@ -572,8 +572,7 @@ def _target_pass(
         factors = result.delta.to(plan.factor_dtype)
         return output + factors.apply(x.to(plan.factor_dtype)).to(output.dtype)
 
-    ids = _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
-    packed = _packed(te, ids, tokens)
+    ids, packed = _target_batch(te, ids, tokens)
     if packed is not None:  # the hooks then read the packed batch
         tokens = replace(
             tokens, positions=_located(tokens.positions, packed), eos_positions=_located(tokens.eos_positions, packed)
@@ -593,6 +592,13 @@ def _target_pass(
         return packed.unpack(embeds), pooled
 
 
+def _target_batch(te: TextEncoder, ids: torch.Tensor, tokens: _EncoderTokens) -> tuple[torch.Tensor, PackedPrompts | None]:
+    """What the target pass runs: the target ``ids`` cut after the last position read (:func:`_window`), and their
+    prefix tree where :func:`_packed` uses one (else ``None``)."""
+    ids = _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
+    return ids, _packed(te, ids, tokens)
+
+
 def _packed(te: TextEncoder, ids: torch.Tensor, tokens: _EncoderTokens) -> PackedPrompts | None:
     """The target prompts as a prefix tree (:mod:`.packing`) where that is exact and saves work: a causal encoder
     whose pooled output the solve does not read (the model computes it at the last token of each row)."""
@@ -610,8 +616,7 @@ def pass_sizes(model: EditModel, plan: ErasurePlan) -> dict[str, int]:
     merging copies) and ``soft_copies`` (before)."""
     sizes = dict.fromkeys(("tokens", "rectangular_tokens", "soft_columns", "soft_copies"), 0)
     for te, tok in zip(model.text_encoders, _tokenize(model, plan).encoders):
-        ids = _window(te, tok.targets.ids, tok.positions.t_pos, tok.eos_positions.t_pos)
-        packed = _packed(te, ids, tok)
+        ids, packed = _target_batch(te, tok.targets.ids, tok)
         sizes["tokens"] += (packed.ids if packed is not None else ids).numel()
         sizes["rectangular_tokens"] += ids.numel()
         sizes["soft_columns"] += int(tok.soft.sum())
