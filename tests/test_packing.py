@@ -48,6 +48,17 @@ def test_every_read_position_sits_under_its_own_prefix():
         packed.locate(torch.tensor([3]), torch.tensor([4]))
 
 
+@pytest.mark.parametrize("ids, last", [
+    (IDS, LAST[:3]),  # one position per prompt is missing
+    (IDS, torch.tensor([4, 5, 3, 2, 6])),  # past the window
+    (IDS, torch.tensor([4, 5, 3, 2, -2])),
+    (IDS[0], LAST[:1]),  # not a batch
+])
+def test_a_malformed_batch_is_named(ids, last):
+    with pytest.raises(ValueError, match="one last read position per prompt"):
+        pack_prefixes(ids, last)
+
+
 def test_no_tree_where_it_saves_little_or_the_prompts_start_differently():
     assert pack_prefixes(IDS[:1], LAST[:1]) is None  # one prompt: the tree is the row
     other = IDS.clone()

@@ -66,6 +66,11 @@ def pack_prefixes(ids: torch.Tensor, last: torch.Tensor) -> PackedPrompts | None
     """The prefix tree of ``ids`` (``(n, L)``, every prompt starting with the same token), each prompt read up
     to position ``last[i]`` (``-1``: not read), or ``None`` where it would not save :data:`MIN_SAVING` of the
     rectangular pass (``n × L`` tokens)."""
+    if ids.ndim != 2 or last.shape != (ids.shape[0],) or bool((last >= ids.shape[-1]).any()) or bool((last < -1).any()):
+        raise ValueError(
+            f"pack_prefixes needs ids of shape (n, L) and one last read position per prompt in [-1, L); got ids "
+            f"{tuple(ids.shape)} and last {tuple(last.shape)}"
+        )
     n, length = ids.shape
     last = last.tolist()
     rows = ids.tolist()
