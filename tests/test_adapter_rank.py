@@ -159,6 +159,38 @@ def test_stored_deltas_are_written_as_they_are(tmp_path):
         to_state_dict(stored, dtype=torch.float16, as_stored=True)
 
 
+# ----------------------------------------------------------------------------- updates in dense form
+def test_a_full_rank_dense_update_is_stored_beside_the_shared_identity(tmp_path):
+    g = gen(7)
+    wide = LowRankDelta.from_dense(torch.randn(24, 40, generator=g, dtype=F64))
+    tall = LowRankDelta.from_dense(torch.randn(40, 24, generator=g, dtype=F64))
+    other = LowRankDelta.from_dense(torch.randn(24, 40, generator=g, dtype=F64))
+    assert wide.B is other.B and tall.A is wide.B  # one 24 × 24 identity for all three
+    stored = stored_deltas({"unet.a": wide, "unet.b": tall, "unet.c": other})
+    # full numerical rank: no SVD factors, the update itself beside the identity, cast to float32
+    assert stored["unet.a"].B is stored["unet.c"].B and stored["unet.b"].A is stored["unet.a"].B
+    assert torch.equal(stored["unet.a"].A, wide.A.float()) and torch.equal(stored["unet.b"].B, tall.B.float())
+    assert update_ranks({"unet.a": wide}, stored, "lora") == {"unet.a": 24}
+    # a file written from shared factors holds each site's own copy, and reads back within the guarantee
+    back = through_file(tmp_path, {"unet.a": wide, "unet.b": tall})
+    assert relative_error(back["unet.a"], wide) <= STORAGE_RTOL and relative_error(back["unet.b"], tall) <= STORAGE_RTOL
+
+
+def test_a_rank_deficient_dense_update_is_still_truncated():
+    delta = LowRankDelta.from_dense(redundant(64, 96, 5, 9, gen(8)).dense())
+    assert delta.is_dense_form()
+    stored = stored_deltas({"unet.x": delta})["unet.x"]
+    assert stored.rank == 5 and not stored.is_dense_form() and relative_error(stored, delta) <= STORAGE_RTOL
+
+
+def test_dense_form_with_one_tiny_direction_keeps_the_guarantee():
+    """Full rank, but one singular value below the truncation threshold: the SVD path decides, as before."""
+    spectrum = torch.cat([torch.ones(15, dtype=F64), torch.full((1,), 1e-9, dtype=F64)])
+    delta = LowRankDelta.from_dense(with_spectrum(16, 20, spectrum, gen(9)).dense())
+    stored = stored_deltas({"unet.x": delta})["unet.x"]
+    assert stored.rank == 15 and relative_error(stored, delta) <= STORAGE_RTOL
+
+
 # ----------------------------------------------------------------------------- zero updates
 def test_zero_updates_are_left_out():
     b, a = torch.ones(8, 1, dtype=F64), torch.ones(1, 12, dtype=F64)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,23 +163,31 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     same bytes, hence the same sha256.
     """
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs = []
     offset = 0
     for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
+        tensor = tensors[key]
         if tensor.dtype not in _DTYPE_CODES:
             raise ValueError(f"cannot store {key} of dtype {tensor.dtype}")
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[key] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
-        for blob in blobs:
-            handle.write(blob)
+    # one tensor's bytes at a time (no copy of the whole file in memory), into a file beside ``path`` that then
+    # replaces it: the tensors may be memory-mapped from ``path`` itself (an adapter read and written back)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(raw)))
+            handle.write(raw)
+            for key in sorted(tensors):
+                data = tensors[key].detach().to("cpu").contiguous().view(torch.uint8)  # held while written
+                if data.numel():
+                    handle.write(data.numpy())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(

@@ -63,6 +63,10 @@ class LowRankDelta:
     def dense(self, dtype: torch.dtype | None = torch.float64) -> Tensor:
         """``B @ A`` as a dense ``(m, d)`` tensor, computed in ``dtype`` (float64 by default)."""
         dtype = dtype or self.dtype
+        if _is_identity(self.B):  # from_dense's form: ΔW itself (a copy, never the factor)
+            return self.A.to(dtype, copy=True)
+        if _is_identity(self.A):
+            return self.B.to(dtype, copy=True)
         return self.B.to(dtype) @ self.A.to(dtype)
 
     def apply(self, x: Tensor) -> Tensor:
@@ -137,6 +141,12 @@ class LowRankDelta:
         kept (those above a tenth, a hundredth, … of the threshold, then all of them), and should every
         truncation miss, the exact factors (:meth:`compact`) are returned.
 
+        An update of full numerical rank given as ``min(m, d)`` columns (:meth:`from_dense`'s form, for one) is
+        returned as it is where its cast passes the check: its stored size is that of the SVD factors, and the
+        SVD is skipped. Full rank is read from a Cholesky factorisation (:func:`_all_above`); a wrong call right
+        at the threshold changes the stored rank by the directions there, never the guarantee, which the cast
+        is checked against.
+
         float16 and bfloat16 round each factor entry by more than ``rtol`` on their own: for them the
         same truncation is applied without the check (no worse than storing every column), and the
         guarantee is stated for float32. The zero update (``ΔW = 0`` exactly) gives rank 0.
@@ -148,9 +158,15 @@ class LowRankDelta:
         scale = _max_abs(exact) if exact.numel() else 0.0
         if scale == 0.0:
             return LowRankDelta.zeros(m, d)
-        U, s, Vh = self.svd()
         budget = rtol * scale
         threshold = share * budget
+        if self.rank == min(m, d) and _all_above(exact, threshold):
+            # ΔW at full numerical rank: its SVD factors would be as large as these (ΔW beside an identity, say),
+            # so these are kept (no SVD to form); only the cast to ``dtype`` moves them, checked below
+            rounded = self.to(dtype)
+            if dtype not in (torch.float32, torch.float64) or _max_abs(rounded.dense(torch.float64) - exact) <= budget:
+                return self
+        U, s, Vh = self.svd()
 
         def truncated(k: int) -> LowRankDelta:
             root = s[:k].sqrt()
@@ -173,16 +189,24 @@ class LowRankDelta:
         return self.compact()
 
     def to(self, dtype: torch.dtype) -> "LowRankDelta":
-        """The same update with both factors cast to ``dtype``."""
-        return LowRankDelta(self.B.to(dtype), self.A.to(dtype))
+        """The same update with both factors cast to ``dtype`` (an identity factor stays the shared one)."""
+        return LowRankDelta(_cast(self.B, dtype), _cast(self.A, dtype))
+
+    def is_dense_form(self) -> bool:
+        """Whether this is :meth:`from_dense`'s form: ``ΔW`` beside an identity factor."""
+        return _is_identity(self.B) or _is_identity(self.A)
 
     @staticmethod
     def from_dense(dense: Tensor) -> "LowRankDelta":
-        """A dense ``ΔW`` (``m × d``) as exact factors with an identity on the smaller side."""
+        """A dense ``ΔW`` (``m × d``) as exact factors with an identity on the smaller side.
+
+        The identity is one shared tensor per size, dtype and device (:func:`identity`): a solve of many concepts
+        holds dozens of such updates, and each would otherwise carry its own ``n × n`` identity.
+        """
         m, d = dense.shape
         if m <= d:
-            return LowRankDelta(torch.eye(m, dtype=dense.dtype, device=dense.device), dense)
-        return LowRankDelta(dense, torch.eye(d, dtype=dense.dtype, device=dense.device))
+            return LowRankDelta(identity(m, dense.dtype, dense.device), dense)
+        return LowRankDelta(dense, identity(d, dense.dtype, dense.device))
 
     @staticmethod
     def zeros(m: int, d: int, dtype: torch.dtype = torch.float64) -> "LowRankDelta":
@@ -190,8 +214,38 @@ class LowRankDelta:
         return LowRankDelta(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, d, dtype=dtype))
 
 
+def _all_above(dense: Tensor, threshold: float) -> bool:
+    """Whether every singular value of ``dense`` exceeds ``threshold``: ``D Dᵀ − threshold² I`` (``D`` the wide
+    orientation of ``dense``) has a Cholesky factor. An ``n² k`` product and an ``n³/3`` factorisation, a fraction
+    of the singular values' cost; the Gram matrix's rounding blurs the answer only for values near the threshold."""
+    D = dense if dense.shape[0] <= dense.shape[1] else dense.T
+    G = D @ D.T
+    G.diagonal().sub_(threshold**2)
+    return int(torch.linalg.cholesky_ex(G)[1]) == 0
+
+
+#: (size, dtype, device) → the identity :func:`identity` hands out
+_IDENTITIES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def identity(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+    """The ``n × n`` identity as one tensor shared by every caller: read it, never write to it."""
+    key = (n, dtype, torch.device(device))
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = torch.eye(n, dtype=dtype, device=device)
+    return _IDENTITIES[key]
+
+
 def _is_identity(t: Tensor) -> bool:
     """A square factor equal to the identity (the form :meth:`LowRankDelta.from_dense` writes)."""
     if t.ndim != 2 or t.shape[0] != t.shape[1]:
         return False
-    return bool(torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype, device=t.device)))
+    shared = identity(t.shape[0], t.dtype, t.device)
+    return t is shared or bool(torch.equal(t, shared))
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; the shared identity in ``dtype`` where ``t`` is the shared identity."""
+    if t.dtype != dtype and t.ndim == 2 and t.shape[0] == t.shape[1] and t is identity(t.shape[0], t.dtype, t.device):
+        return identity(t.shape[0], dtype, t.device)
+    return t.to(dtype)
