@@ -87,3 +87,41 @@ def test_exact_preservation_leaves_the_preserve_prompts_where_the_original_model
     with EditedEncoders(base.model, stored):
         after, _ = prompt_embeddings(base.model, [ids])
     assert float((after - before).abs().max() / before.abs().max()) <= 1e-5
+
+
+def test_the_anchor_capture_holds_each_anchor_position_once():
+    """Targets sharing an anchor read the same anchor rows: captured once, expanded to every constrained row."""
+    from erasepro_hub.models.base import get_module, run_encoder
+    from erasepro_hub.models.progressive import (
+        _anchor_captures,
+        _gather,
+        _tensor_output,
+        _tokenize,
+        _window,
+        text_encoder_stages,
+    )
+
+    base = _base()
+    plan = plan_from_recipe(_DEMO)
+    te, tok = base.model.text_encoders[0], _tokenize(base.model, plan).encoders[0]
+    stages = text_encoder_stages(base.model, plan)[te.component]
+    captured, _ = _anchor_captures(te, stages, tok.anchors.ids, tok)
+    pos = tok.positions
+    distinct = len({(int(r), int(p)) for r, p in zip(pos.a_rows, pos.a_pos)})
+    assert distinct < len(pos.a_rows)  # the demo's prompts share their anchor positions
+    stage = stages[0]
+    assert stage.mode == "stream"  # the default: the anchors' residual stream after the layer
+    where, kind = te.arch.stream[stage.site].anchor
+    point = get_module(te.layers[stage.layer], where)
+    seen = {}
+    if kind == "output":
+        handle = point.register_forward_hook(lambda mod, args, out: seen.setdefault("out", _tensor_output(out)))
+    else:
+        handle = point.register_forward_pre_hook(lambda mod, args: seen.setdefault("out", args[0]))
+    try:
+        run_encoder(te, _window(te, tok.anchors.ids, pos.a_pos, tok.eos_positions.a_pos))  # the capture's own batch
+    finally:
+        handle.remove()
+    every = torch.ones(len(pos.a_rows), dtype=torch.bool)
+    assert captured[stage.name].values.shape[0] == distinct
+    assert torch.equal(captured[stage.name].rows(every), _gather(seen["out"], pos.a_rows, pos.a_pos))

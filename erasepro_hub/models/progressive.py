@@ -404,14 +404,22 @@ def _split(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows (one per constrained token) → the exact pairs' columns and the soft pairs' (``None`` without), each
     soft column times its ``weight`` (:func:`_merge_soft`): every soft quantity of a solve — inputs, ``W x``,
-    targets — goes through here, so a merged column and its target are scaled alike."""
-    soft = soft.to(rows.device)
-    exact = rows[~soft].T
+    targets — goes through here (or :func:`_split_rows`), so a merged column and its target are scaled alike."""
+    return _split_rows(lambda keep: rows[keep.to(rows.device)], soft, weight)
+
+
+def _split_rows(
+    take: Callable[[torch.Tensor], torch.Tensor], soft: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_split` of the rows ``take(mask)`` gives for the exact and the soft entries: each part is formed on its
+    own, never the rows of both at once (at a hundred concepts, thousands of ``d``-wide rows)."""
+    soft = soft.cpu()
+    exact = take(~soft).T
     if not bool(soft.any()):
         return exact, None
-    columns = rows[soft]
+    columns = take(soft)
     if weight is not None:
-        columns = columns * weight[soft.cpu()].to(device=rows.device, dtype=rows.dtype)[:, None]
+        columns = columns * weight[soft].to(device=columns.device, dtype=columns.dtype)[:, None]
     return exact, columns.T
 
 
@@ -423,34 +431,58 @@ def _window(te: TextEncoder, ids: torch.Tensor, *positions: torch.Tensor) -> tor
     return ids if length is None else ids[:, :length]
 
 
+@dataclass(frozen=True)
+class _AnchorRows:
+    """A stage's anchor capture: the values at each distinct anchor position read (``values``, one row each) and,
+    per constrained row, which of them it wants (``index``). Many targets share an anchor ("art" for a hundred
+    names): the capture then holds a few rows where the solve reads thousands."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+
+    def rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """The rows of the constrained rows ``keep`` selects (a mask), as :func:`_solve_stage` reads them."""
+        return self.values[self.index[keep].to(self.values.device)]
+
+
+def _distinct(rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct ``(row, pos)`` pairs (as two tensors) and, per pair given, the index of its distinct one."""
+    pairs, index = torch.unique(torch.stack([rows, pos]), dim=1, return_inverse=True)
+    return pairs[0], pairs[1], index
+
+
 def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _EncoderTokens) -> tuple[dict, tuple]:
-    """Through the original encoder: what each stage's targets need, and the anchors' ``(sequence output, pooled
-    output)``."""
-    captured: dict[str, torch.Tensor] = {}
+    """Through the original encoder: what each stage's targets need (:class:`_AnchorRows`), and the anchors'
+    ``(sequence output, pooled output)``."""
+    captured: dict[str, _AnchorRows] = {}
 
-    def site_hook(stage: _Stage, pos: PairPositions, mod, args, output):
-        out = _gather(output, pos.a_rows, pos.a_pos)
+    def site_hook(stage: _Stage, where: tuple, mod, args, output):
+        rows, pos, index = where
+        out = _gather(output, rows, pos)
         bias = _bias(mod)
-        captured[stage.name] = out - bias if bias is not None else out
+        captured[stage.name] = _AnchorRows(out - bias if bias is not None else out, index)
 
-    def out_hook(stage: _Stage, pos: PairPositions, mod, args, output):
-        captured[stage.name] = _gather(_tensor_output(output), pos.a_rows, pos.a_pos)
+    def out_hook(stage: _Stage, where: tuple, mod, args, output):
+        rows, pos, index = where
+        captured[stage.name] = _AnchorRows(_gather(_tensor_output(output), rows, pos), index)
 
-    def in_hook(stage: _Stage, pos: PairPositions, mod, args):
-        captured[stage.name] = _gather(args[0], pos.a_rows, pos.a_pos)
+    def in_hook(stage: _Stage, where: tuple, mod, args):
+        rows, pos, index = where
+        captured[stage.name] = _AnchorRows(_gather(args[0], rows, pos), index)
 
     with ExitStack() as hooks:
         for stage in stages:
             pos = tokens.eos_positions if stage.eos else tokens.positions
+            where = _distinct(pos.a_rows, pos.a_pos)
             if stage.mode == "site":  # what the site itself output for the anchors
-                handle = te.site_module(stage.layer, stage.site).register_forward_hook(partial(site_hook, stage, pos))
+                handle = te.site_module(stage.layer, stage.site).register_forward_hook(partial(site_hook, stage, where))
             else:  # stream: the residual-stream value the anchor prompts produce at this point
-                where, kind = te.arch.stream[stage.site].anchor
-                point = get_module(te.layers[stage.layer], where)
+                module, kind = te.arch.stream[stage.site].anchor
+                point = get_module(te.layers[stage.layer], module)
                 if kind == "output":
-                    handle = point.register_forward_hook(partial(out_hook, stage, pos))
+                    handle = point.register_forward_hook(partial(out_hook, stage, where))
                 else:
-                    handle = point.register_forward_pre_hook(partial(in_hook, stage, pos))
+                    handle = point.register_forward_pre_hook(partial(in_hook, stage, where))
             hooks.callback(handle.remove)
         outputs = run_encoder(te, _window(te, ids, tokens.positions.a_pos, tokens.eos_positions.a_pos))
     return captured, outputs
@@ -488,16 +520,19 @@ def _preserve_captures(
 class _StageInputs:
     """What one stage's solve reads, gathered from the forward pass at its site.
 
-    ``X``/``WX``: the constrained target rows' site inputs and ``W x`` (bias removed), soft pairs included
-    (split later); ``P``/``WP``: the preserve prompts' (``d × M``, or ``None``); ``residual``: the
-    residual-stream input of the layer at the target rows (``stream`` mode), else ``None``.
+    ``X``/``WX``: the exact pairs' site inputs and ``W x`` (bias removed) as columns, ``V``/``WV`` the soft pairs'
+    (weighted, :func:`_split`; ``None`` without); ``P``/``WP``: the preserve prompts' (``d × M``, or ``None``);
+    ``residual(keep)``: the residual-stream input of the layer at the target rows ``keep`` selects (``stream``
+    mode), else ``None``.
     """
 
     X: torch.Tensor
+    V: torch.Tensor | None
     WX: torch.Tensor
+    WV: torch.Tensor | None
     P: torch.Tensor | None
     WP: torch.Tensor | None
-    residual: torch.Tensor | None
+    residual: Callable[[torch.Tensor], torch.Tensor] | None
     bias: torch.Tensor | None
 
 
@@ -505,25 +540,27 @@ def _solve_stage(
     stage: _Stage,
     weight: torch.Tensor,
     inputs: _StageInputs,
-    anchor: torch.Tensor,
+    anchor: _AnchorRows,
     soft: torch.Tensor,
     plan: ErasurePlan,
     caption_summary: torch.Tensor | None,
     soft_weight: torch.Tensor | None = None,
 ):
     """One text-encoder stage: the wanted outputs from the anchor capture, the shared factorisation, the solve."""
-    if stage.mode == "site":
-        T = anchor.double()
-    else:  # the site must output what makes the layer's residual stream equal the anchor's
-        T = anchor.double() - inputs.residual.double()
-        if inputs.bias is not None:
-            T = T - inputs.bias.double()
-    X, V = _split(inputs.X, soft, soft_weight)
-    fact = _factorize(plan, X, inputs.P, soft=caption_summary, soft_targets=V, one_site=True)
-    (WX, WV), (T, T_soft) = _split(inputs.WX, soft, soft_weight), _split(T, soft, soft_weight)
+
+    def wanted(keep: torch.Tensor) -> torch.Tensor:
+        T = anchor.rows(keep).double()
+        if stage.mode == "stream":  # the site must output what makes the layer's residual stream equal the anchor's
+            T = T - inputs.residual(keep).double()
+            if inputs.bias is not None:
+                T = T - inputs.bias.double()
+        return T
+
+    fact = _factorize(plan, inputs.X, inputs.P, soft=caption_summary, soft_targets=inputs.V, one_site=True)
+    T, T_soft = _split_rows(wanted, soft, soft_weight)
     return solve(
-        fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=stage.name, WX=WX, WP=inputs.WP,
-        T_soft=T_soft, WV=WV,
+        fact, weight, T, strict=plan.recipe.solver.strict, residual_tol=plan.recipe.solver.residual_tol, site=stage.name,
+        WX=inputs.WX, WP=inputs.WP, T_soft=T_soft, WV=inputs.WV,
     )
 
 
@@ -555,15 +592,22 @@ def _target_pass(
         bias = _bias(mod)
         plain = output - bias if bias is not None else output
         P, WP = preserve_caps.get(stage.name, (None, None))
+        soft, soft_weight = (tokens.soft_eos, None) if stage.eos else (tokens.soft, tokens.weight)
+        at = lambda t, keep: _gather(t, pos.t_rows[keep], pos.t_pos[keep])  # noqa: E731
+        # X in the model's dtype: the solver widens it (its Gram stays narrow)
+        X, V = _split_rows(partial(at, x), soft, soft_weight)
+        WX, WV = _split_rows(lambda keep: at(plain, keep).double(), soft, soft_weight)
+        residual = stash.pop(stage.name) if stage.mode == "stream" else None
         inputs = _StageInputs(
-            X=_gather(x, pos.t_rows, pos.t_pos),  # in the model's dtype: the solver widens it (its Gram stays narrow)
-            WX=_gather(plain, pos.t_rows, pos.t_pos).double(),
+            X=X,
+            V=V,
+            WX=WX,
+            WV=WV,
             P=P if P is not None and P.shape[1] else None,
             WP=WP.double() if P is not None and P.shape[1] else None,
-            residual=_gather(stash.pop(stage.name), pos.t_rows, pos.t_pos) if stage.mode == "stream" else None,
+            residual=partial(at, residual) if residual is not None else None,
             bias=bias,
         )
-        soft, soft_weight = (tokens.soft_eos, None) if stage.eos else (tokens.soft, tokens.weight)
         result = _solve_stage(
             stage, mod.weight, inputs, anchor_caps[stage.name], soft, plan, summaries.get(stage.name), soft_weight
         )

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from ..errors import CapacityError, CapacityWarning, warn
 from .delta import LowRankDelta, _is_identity
-from .metric import metric_cholesky, metric_solver, with_columns
+from .metric import Block, Scaled, metric_cholesky, metric_solver, side_by_side, with_columns
 
 #: Relative singular-value cut-off for the numerical rank (see the module docstring).
 DEFAULT_RTOL = 1e-6
@@ -313,7 +313,8 @@ def factorize_zero_residual(
         if not soft_target_weight > 0:
             raise ValueError("soft_target_weight must be > 0")
     solved = None  # M'⁻¹ Vw, where a branch computes it on the way
-    Vw = V * soft_target_weight**0.5 if V is not None else None  # soft targets: M' = M + Vw Vwᵀ
+    # soft targets: M' = M + Vw Vwᵀ with Vw = √λ_v V, scaled where the metric's columns are put side by side
+    Vw = Scaled(V, soft_target_weight**0.5) if V is not None else None
     system = torch.cat([X, P], dim=1) if preserve_mode == "exact" else X
     mode = "soft" if preserve_mode == "none" and (factors or Vw is not None) else preserve_mode
     blocks = factors + ([Vw] if Vw is not None else [])  # M' = I + Σ B Bᵀ over these column blocks
@@ -325,7 +326,7 @@ def factorize_zero_residual(
             Z = solve_m(system)
         else:  # soft targets on top of the preservation metric, so the Gram matrices stay two small ones
             base = metric_solver(factors, gram_dtype) if factors else (lambda Y: Y)
-            solve_m, solved, Z = with_columns(base, Vw.double(), system)
+            solve_m, solved, Z = with_columns(base, side_by_side([Vw]).double(), system)
         fact = _factorize_soft(X, P, system, Z, mode, rtol, ridge)
     else:
         U, s, Vh = torch.linalg.svd(system, full_matrices=False)
@@ -382,7 +383,7 @@ def _factorize_wide(
     X: Tensor,
     P: Tensor | None,
     system: Tensor,
-    blocks: list[Tensor],
+    blocks: list[Block],
     preserve_mode: str,
     rtol: float,
     ridge: float,

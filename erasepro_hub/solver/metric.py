@@ -10,10 +10,36 @@ of a solve do not depend on ``M`` (only the preservation weighting does), so the
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A block of the metric's columns, ``scale · columns``: scaled only where the blocks are put side by side
+    (:func:`side_by_side`), so a wide block (thousands of soft targets) has no scaled copy of its own."""
+
+    columns: Tensor
+    scale: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.columns.shape
+
+
+Block = Union[Tensor, Scaled]
+
+
+def side_by_side(blocks: Sequence[Block], dtype: torch.dtype | None = None) -> Tensor:
+    """The blocks' columns side by side, each :class:`Scaled` block times its scale (in its own dtype, then cast to
+    ``dtype``: the values a scaled copy cast to ``dtype`` would have)."""
+    parts = [b.columns * b.scale if isinstance(b, Scaled) else b for b in blocks]
+    if dtype is not None:
+        parts = [part.to(dtype) for part in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def gram(F: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -42,10 +68,9 @@ def gram(F: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     return G
 
 
-def metric_cholesky(blocks: list[Tensor], dtype: torch.dtype) -> Tensor:
+def metric_cholesky(blocks: Sequence[Block], dtype: torch.dtype) -> Tensor:
     """The Cholesky factor of ``M = I + Σ B Bᵀ`` (``d × d``); the blocks are put side by side in ``dtype``."""
-    G = gram((blocks[0].to(dtype) if len(blocks) == 1 else torch.cat([b.to(dtype) for b in blocks], dim=1)).T, dtype)
-    return cholesky_of_metric(G)
+    return cholesky_of_metric(gram(side_by_side(blocks, dtype).T, dtype))
 
 
 def cholesky_of_metric(G: Tensor) -> Tensor:
@@ -58,7 +83,7 @@ def cholesky_of_metric(G: Tensor) -> Tensor:
     return L
 
 
-def metric_solver(blocks: list[Tensor], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
+def metric_solver(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
     """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``, ``Q`` the column ``blocks`` side by side: Woodbury (a ``k × k`` Cholesky)
     while ``Q`` is narrower than the input, the ``d × d`` Cholesky otherwise; Gram matrices taken in ``dtype``
     (:func:`gram`)."""
@@ -66,7 +91,7 @@ def metric_solver(blocks: list[Tensor], dtype: torch.dtype = torch.float64) -> C
     if k >= d:
         L = metric_cholesky(blocks, dtype)
         return lambda Y: torch.cholesky_solve(Y, L)
-    Q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    Q = side_by_side(blocks)
     L = cholesky_of_metric(gram(Q, dtype))  # I + Qᵀ Q
     return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
 
