@@ -469,7 +469,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
         warnings.simplefilter("ignore")
         sol = solve_erasure(base.model, plan)
     seconds = time.perf_counter() - start
-    state = to_state_dict(stored_deltas(sol.deltas, "lora", torch.float32))
+    state = to_state_dict(stored_deltas(sol.deltas, "lora", torch.float32), as_stored=True)
     te = [s.report for s in sol.sites if not s.key.startswith("unet.")]
     kv = [s.report for s in sol.sites if s.key.startswith("unet.")]
     sizes = pass_sizes(base.model, plan)
