@@ -176,6 +176,37 @@ def test_a_full_rank_dense_update_is_stored_beside_the_shared_identity(tmp_path)
     assert relative_error(back["unet.a"], wide) <= STORAGE_RTOL and relative_error(back["unet.b"], tall) <= STORAGE_RTOL
 
 
+def test_the_state_dict_holds_copies_of_the_shared_identity():
+    g = gen(10)
+    deltas = {k: LowRankDelta.from_dense(torch.randn(12, 20, generator=g, dtype=F64)) for k in ("unet.a", "unet.b")}
+    state = to_state_dict(deltas)
+    up_a, up_b = state["unet.a.lora_B.weight"], state["unet.b.lora_B.weight"]
+    assert torch.equal(up_a, torch.eye(12)) and up_a.data_ptr() != up_b.data_ptr()
+    up_a.mul_(0.5)  # a caller writing to its state dict changes nothing else
+    assert torch.equal(LowRankDelta.from_dense(torch.ones(12, 20, dtype=torch.float32)).B, torch.eye(12))
+    assert torch.equal(up_b, torch.eye(12))
+
+
+def test_a_singular_value_just_under_the_threshold_is_still_dropped():
+    """Full width, the smallest direction at 0.4 x the truncation threshold: the SVD way, one rank less."""
+    g = gen(11)
+    U, V = orthonormal(16, 16, g), orthonormal(20, 16, g)
+    spectrum = torch.ones(16, dtype=F64)
+    scale = float((U * spectrum @ V.T).abs().max())
+    spectrum[-1] = 0.4 * TRUNCATION_SHARE * STORAGE_RTOL * scale
+    delta = LowRankDelta.from_dense(U * spectrum @ V.T)
+    stored = stored_deltas({"unet.x": delta})["unet.x"]
+    assert stored.rank == 15 and relative_error(stored, delta) <= STORAGE_RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_the_svd_factors_of_a_dense_update(dtype):
+    """Half types round ΔW's small entries away on their own: the shortcut is for float32 and float64 only."""
+    delta = LowRankDelta.from_dense(torch.randn(16, 20, generator=gen(12), dtype=F64) * 1e-5)
+    stored = stored_deltas({"unet.x": delta}, dtype=dtype)["unet.x"]
+    assert stored.dtype == dtype and not stored.is_dense_form()
+
+
 def test_a_rank_deficient_dense_update_is_still_truncated():
     delta = LowRankDelta.from_dense(redundant(64, 96, 5, 9, gen(8)).dense())
     assert delta.is_dense_form()

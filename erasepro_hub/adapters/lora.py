@@ -47,6 +47,7 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..solver import LowRankDelta
+from ..solver.delta import owned
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 HEADER_RECIPE = "erasepro.recipe_sha256"
@@ -137,8 +138,9 @@ def to_state_dict(
     state: dict[str, torch.Tensor] = {}
     for key, stored in chosen.items():
         a_key, b_key = factor_keys(key)
-        state[a_key] = stored.A.contiguous().cpu()
-        state[b_key] = stored.B.contiguous().cpu()
+        # the solver shares one identity factor between updates in dense form: each key gets its own tensor
+        state[a_key] = owned(stored.A.contiguous().cpu())
+        state[b_key] = owned(stored.B.contiguous().cpu())
     return state
 
 
@@ -160,7 +162,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     the same content can order the header differently. Here the header is canonical
     JSON (sorted keys), tensors are laid out in key order and the header is padded
     with spaces to 8 bytes, as the format specifies: the same adapter always gives the
-    same bytes, hence the same sha256.
+    same bytes, hence the same sha256. The file is written new beside ``path`` (a link's target's, for a
+    symbolic link) and then replaces it, so a failed write leaves the old file as it was.
     """
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
@@ -173,9 +176,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
         offset += size
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
-    # one tensor's bytes at a time (no copy of the whole file in memory), into a file beside ``path`` that then
-    # replaces it: the tensors may be memory-mapped from ``path`` itself (an adapter read and written back)
-    path = Path(path)
+    # one tensor's bytes at a time (no copy of the whole file in memory), into a new file beside ``path`` that then
+    # replaces it: the tensors may be memory-mapped from ``path`` itself (an adapter read and written back). A
+    # symbolic link is written through, as an open for writing would: its target is replaced.
+    path = Path(path).resolve()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:

@@ -129,7 +129,8 @@ class LowRankDelta:
     def at_numerical_rank(
         self, dtype: torch.dtype = torch.float32, rtol: float = STORAGE_RTOL, share: float = TRUNCATION_SHARE
     ) -> "LowRankDelta":
-        """The same update at its numerical rank, as float64 factors that keep ``rtol`` once cast to ``dtype``.
+        """The same update at its numerical rank, as factors (float64, or these ones) that keep ``rtol`` once cast
+        to ``dtype``.
 
         With ``E`` the difference between the returned factors cast to ``dtype`` (their product taken in
         float64) and the exact ``ΔW = B A``, the guarantee is ``max|E| ≤ rtol · max|ΔW|`` for float32 and
@@ -141,11 +142,11 @@ class LowRankDelta:
         kept (those above a tenth, a hundredth, … of the threshold, then all of them), and should every
         truncation miss, the exact factors (:meth:`compact`) are returned.
 
-        An update of full numerical rank given as ``min(m, d)`` columns (:meth:`from_dense`'s form, for one) is
-        returned as it is where its cast passes the check: its stored size is that of the SVD factors, and the
-        SVD is skipped. Full rank is read from a Cholesky factorisation (:func:`_all_above`); a wrong call right
-        at the threshold changes the stored rank by the directions there, never the guarantee, which the cast
-        is checked against.
+        For float32 and float64 storage, an update given as ``min(m, d)`` columns (:meth:`from_dense`'s form, for
+        one) that is certainly of full numerical rank is returned as it is where its cast passes the check: its
+        SVD factors would be no smaller, and the SVD is skipped. "Certainly" is a Cholesky test with a margin
+        for the Gram matrix's rounding (:func:`_all_above`): an update whose smallest singular values lie within
+        that margin of the threshold goes the SVD way, as every update did before.
 
         float16 and bfloat16 round each factor entry by more than ``rtol`` on their own: for them the
         same truncation is applied without the check (no worse than storing every column), and the
@@ -160,11 +161,10 @@ class LowRankDelta:
             return LowRankDelta.zeros(m, d)
         budget = rtol * scale
         threshold = share * budget
-        if self.rank == min(m, d) and _all_above(exact, threshold):
+        if dtype in (torch.float32, torch.float64) and self.rank == min(m, d) and _all_above(exact, threshold):
             # ΔW at full numerical rank: its SVD factors would be as large as these (ΔW beside an identity, say),
-            # so these are kept (no SVD to form); only the cast to ``dtype`` moves them, checked below
-            rounded = self.to(dtype)
-            if dtype not in (torch.float32, torch.float64) or _max_abs(rounded.dense(torch.float64) - exact) <= budget:
+            # so these are kept (no SVD to form); only the cast to ``dtype`` moves them, checked here
+            if _max_abs(self.to(dtype).dense(torch.float64) - exact) <= budget:
                 return self
         U, s, Vh = self.svd()
 
@@ -215,12 +215,15 @@ class LowRankDelta:
 
 
 def _all_above(dense: Tensor, threshold: float) -> bool:
-    """Whether every singular value of ``dense`` exceeds ``threshold``: ``D Dᵀ − threshold² I`` (``D`` the wide
-    orientation of ``dense``) has a Cholesky factor. An ``n² k`` product and an ``n³/3`` factorisation, a fraction
-    of the singular values' cost; the Gram matrix's rounding blurs the answer only for values near the threshold."""
+    """Whether every singular value of ``dense`` (float64) certainly exceeds ``threshold``: ``G − (threshold² +
+    margin) I`` has a Cholesky factor, ``G = D Dᵀ`` (``D`` the wide orientation, ``n`` rows) and ``margin =
+    n · eps · tr G`` a bound on what the rounding of ``G`` and of the factorisation moves its eigenvalues by. An
+    ``n² k`` product and an ``n³/3`` factorisation, a fraction of the singular values' cost; ``False`` where the
+    smallest singular values sit within the margin (the caller then takes the SVD)."""
     D = dense if dense.shape[0] <= dense.shape[1] else dense.T
     G = D @ D.T
-    G.diagonal().sub_(threshold**2)
+    margin = D.shape[0] * torch.finfo(G.dtype).eps * float(G.trace())
+    G.diagonal().sub_(threshold**2 + margin)
     return int(torch.linalg.cholesky_ex(G)[1]) == 0
 
 
@@ -229,23 +232,37 @@ _IDENTITIES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
 def identity(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
-    """The ``n × n`` identity as one tensor shared by every caller: read it, never write to it."""
+    """The ``n × n`` identity as one tensor shared by every caller within the solver's results: read it, never
+    write to it (what leaves for a file or a caller's state dict is a copy: :func:`owned`)."""
     key = (n, dtype, torch.device(device))
     if key not in _IDENTITIES:
         _IDENTITIES[key] = torch.eye(n, dtype=dtype, device=device)
     return _IDENTITIES[key]
 
 
+def is_shared_identity(t: Tensor) -> bool:
+    """Whether ``t`` is one of the tensors :func:`identity` hands out (asking creates none)."""
+    return t.ndim == 2 and t.shape[0] == t.shape[1] and t is _IDENTITIES.get((t.shape[0], t.dtype, t.device))
+
+
+def owned(t: Tensor) -> Tensor:
+    """``t``, or a copy of it where it is a shared identity: for tensors handed to code that may write to them."""
+    return t.clone() if is_shared_identity(t) else t
+
+
 def _is_identity(t: Tensor) -> bool:
-    """A square factor equal to the identity (the form :meth:`LowRankDelta.from_dense` writes)."""
+    """A square factor equal to the identity (the form :meth:`LowRankDelta.from_dense` writes); the check of a
+    factor that is not the shared one allocates nothing of ``t``'s size."""
     if t.ndim != 2 or t.shape[0] != t.shape[1]:
         return False
-    shared = identity(t.shape[0], t.dtype, t.device)
-    return t is shared or bool(torch.equal(t, shared))
+    if is_shared_identity(t):
+        return True
+    n = t.shape[0]
+    return bool((t.diagonal() == 1).all()) and int(torch.count_nonzero(t)) == n
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype``; the shared identity in ``dtype`` where ``t`` is the shared identity."""
-    if t.dtype != dtype and t.ndim == 2 and t.shape[0] == t.shape[1] and t is identity(t.shape[0], t.dtype, t.device):
+    if t.dtype != dtype and is_shared_identity(t):
         return identity(t.shape[0], dtype, t.device)
     return t.to(dtype)

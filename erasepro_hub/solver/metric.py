@@ -20,7 +20,9 @@ from torch import Tensor
 @dataclass(frozen=True)
 class Scaled:
     """A block of the metric's columns, ``scale · columns``: scaled only where the blocks are put side by side
-    (:func:`side_by_side`), so a wide block (thousands of soft targets) has no scaled copy of its own."""
+    (:func:`side_by_side`). Where the metric is the ``d × d`` Cholesky (columns as many as the input is wide: the
+    thousands of soft targets of a many-concept solve) that copy lives only while the Gram matrix is formed;
+    Woodbury's narrower ``Q`` is kept for the solves, scaled."""
 
     columns: Tensor
     scale: float
