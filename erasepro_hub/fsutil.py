@@ -146,6 +146,24 @@ def _replace(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- one file
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A new file's path beside ``path`` (``.<name>.<pid>.tmp``) to write in the ``with`` block; it then replaces
+    ``path`` in one rename. If the block fails, the new file is removed and ``path`` is as it was (a cleanup that
+    itself fails does not hide the block's error)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- lock
 def lock_path(path: str | Path) -> Path:
     """The lock file of output ``path``: ``.<name>.erasepro-tmp-lock`` next to it."""

@@ -181,3 +181,18 @@ def test_a_writer_arriving_during_the_swap_fails_fast_and_the_first_completes(ou
     assert second and isinstance(second[0], EraseProError) and second[0].exit_code == 2, second
     assert state(out) == "first"
     assert leftovers(tmp_path) == []  # no .out.erasepro-old-* or temporary folder leaked
+
+
+def test_replacing_swaps_in_a_whole_file_or_leaves_the_old_one(tmp_path):
+    from erasepro_hub.fsutil import replacing
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="cut"):
+        with replacing(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("cut")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+    with replacing(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]

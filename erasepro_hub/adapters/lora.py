@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Mapping
 import torch
 
 from ..errors import AdapterFormatError
+from ..fsutil import replacing
 from ..solver import LowRankDelta
 from ..solver.delta import owned
 
@@ -179,19 +179,13 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     # one tensor's bytes at a time (no copy of the whole file in memory), into a new file beside ``path`` that then
     # replaces it: the tensors may be memory-mapped from ``path`` itself (an adapter read and written back). A
     # symbolic link is written through, as an open for writing would: its target is replaced.
-    path = Path(path).resolve()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(struct.pack("<Q", len(raw)))
-            handle.write(raw)
-            for key in sorted(tensors):
-                data = tensors[key].detach().to("cpu").contiguous().view(torch.uint8)  # held while written
-                if data.numel():
-                    handle.write(data.numpy())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(Path(path).resolve()) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for key in sorted(tensors):
+            data = tensors[key].detach().to("cpu").contiguous().view(torch.uint8)  # held while written
+            if data.numel():
+                handle.write(data.numpy())
 
 
 def save_adapter(

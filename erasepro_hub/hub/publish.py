@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapters.folder import ErasureFolder, open_folder
 from ..errors import HubError, warn
+from ..fsutil import replacing
 from ..layout import CARD_FILE, MANIFEST_FILE, PLOT_FILE
 from .client import hub_errors, parse_ref
 
@@ -169,8 +169,7 @@ def record(folder: Path, name: str, entry: dict) -> None:
         if not isinstance(entries, list):
             entries = []
         entries.append({k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()})
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(json.dumps(entries, indent=2) + "\n")
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text(json.dumps(entries, indent=2) + "\n")
     except OSError as exc:
         warn(f"could not record the result in {path} ({exc})")

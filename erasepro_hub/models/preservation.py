@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..fsutil import replacing
 from .base import EditModel, TextEncoder
 from .conditioning import joint_single_positions
 from .prompts import Encoded, Prompt, single_positions, single_rule
@@ -119,17 +120,12 @@ def _load(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
 def _store(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(dict(tensors), str(tmp))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file(dict(tensors), str(tmp))
     except OSError as exc:
         logger.warning("could not write the caption cache %s (%s); it will be recomputed next time", path, exc)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def caption_summaries(
