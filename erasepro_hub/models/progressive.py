@@ -470,10 +470,11 @@ def _anchor_captures(te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, t
         rows, pos, index = where
         captured[stage.name] = _AnchorRows(_gather(args[0], rows, pos), index)
 
+    # every stage reads the same anchor positions (or the EOS ones): their distinct pairs, once each
+    distinct = {eos: _distinct(p.a_rows, p.a_pos) for eos, p in ((False, tokens.positions), (True, tokens.eos_positions))}
     with ExitStack() as hooks:
         for stage in stages:
-            pos = tokens.eos_positions if stage.eos else tokens.positions
-            where = _distinct(pos.a_rows, pos.a_pos)
+            where = distinct[stage.eos]
             if stage.mode == "site":  # what the site itself output for the anchors
                 handle = te.site_module(stage.layer, stage.site).register_forward_hook(partial(site_hook, stage, where))
             else:  # stream: the residual-stream value the anchor prompts produce at this point
