@@ -153,6 +153,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
     ``path`` in one rename. If the block fails, the new file is removed and ``path`` is as it was (a cleanup that
     itself fails does not hide the block's error)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp

@@ -196,3 +196,7 @@ def test_replacing_swaps_in_a_whole_file_or_leaves_the_old_one(tmp_path):
     with replacing(path) as tmp:
         tmp.write_bytes(b"new")
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+    with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):
+        with replacing(tmp_path / "missing" / "b.bin"):
+            pass
+    assert not (tmp_path / "missing").exists()
