@@ -76,10 +76,11 @@ def metric_cholesky(blocks: Sequence[Block], dtype: torch.dtype) -> Tensor:
 
 
 def cholesky_of_metric(G: Tensor) -> Tensor:
-    """The Cholesky factor of ``I + G``. A NaN or inf in the metric's features reaches ``G`` and from there a
+    """The Cholesky factor of ``I + G``, written over ``G`` (the caller's Gram matrix, not read again). A NaN or inf in the metric's features reaches ``G`` and from there a
     diagonal entry of the factor: reported here, checked on the ``d`` (or ``k``) diagonal entries only."""
     G.diagonal().add_(1.0)
-    L, info = torch.linalg.cholesky_ex(G)
+    # factorised in place: ``G`` (``d × d`` in the widest case, 75 MB at d = 3072) is not needed again
+    L, info = torch.linalg.cholesky_ex(G, out=(G, torch.empty((), dtype=torch.int32, device=G.device)))
     if int(info) or not torch.isfinite(L.diagonal()).all():
         raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
     return L
