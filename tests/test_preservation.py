@@ -109,6 +109,29 @@ def test_caption_summaries_are_cached_and_a_bad_entry_is_recomputed(tmp_path, mo
     assert not torch.equal(eos["s1"], _summaries(model, captions[:20])["s1"])
 
 
+def test_the_cache_key_covers_the_embedding_rows_the_captions_read_and_no_other(tmp_path, monkeypatch):
+    """The key hashes only the token-embedding rows the captions' ids select: a change to another row leaves the
+    summaries as they are (recomputed, bit for bit) and the key with them; a change to a row they read does not."""
+    monkeypatch.setenv("ERASEPRO_CACHE", str(tmp_path))
+    _, model = load_builtin("tiny-sd")
+    captions = [Prompt(c) for c in banks.captions("default-v1")[:20]]
+    first = _summaries(model, captions)
+    read = set(model.encode(captions)[0].ids.unique().tolist())
+    table = model.text_encoders[0].model.get_input_embeddings().weight
+    unread = next(i for i in range(table.shape[0]) if i not in read)
+    with torch.no_grad():
+        table[unread] += 1.0
+    recomputed = _summaries(model, captions, use_cache=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.values(), recomputed.values()))
+    _summaries(model, captions)
+    assert len(list((tmp_path / "captions").iterdir())) == 1
+    with torch.no_grad():
+        table[max(read)] += 1.0
+    changed = _summaries(model, captions)
+    assert len(list((tmp_path / "captions").iterdir())) == 2
+    assert not torch.equal(changed["s1"], first["s1"])
+
+
 def test_an_unwritable_cache_still_solves(tmp_path, monkeypatch, caplog):
     blocked = tmp_path / "file"
     blocked.write_text("")
