@@ -41,12 +41,16 @@ class LoadedBase:
 
 @dataclass
 class Computation:
-    """A recipe solved: the resolved recipe, the model, the solution and the deltas as they are stored."""
+    """A recipe solved: the resolved recipe, the model, the solution and the deltas as they are stored.
+
+    The solution's deltas are the stored ones (the zero update where nothing is stored), not the solver's
+    float64 updates; ``update_ranks`` is each site's ``outputs.sites[*].update_rank``."""
 
     recipe: Recipe
     base: LoadedBase
     solution: object  # ErasureSolution
     stored: dict[str, LowRankDelta]
+    update_ranks: dict[str, int]
 
     @property
     def model(self):

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .adapters.lora import stored_deltas
+from .adapters.lora import store_site
 from .computation import LOADING_STEP, SOLVING_STEP, Computation, LoadedBase, Progress, ProgressCallback
 from .errors import EraseProError
 from .fsutil import check_output
 from .manifest import BaseModelRef, Manifest, Recipe, load_manifest
 from .recipe import drift_prompts, heldout_pairs, plan_from_recipe, resolve_recipe, training_pairs
+from .solver import LowRankDelta
 
 #: The embedded models are built in code by this project.
 BUILTIN_LICENSE = "apache-2.0"
@@ -78,9 +79,18 @@ def compute(
         base = load_base(recipe, device=device)
     resolved = resolve_recipe(recipe, base.ref)
     stages = (lambda n: start(SOLVING_STEP, n)) if start is not None else None
-    solution = solve_erasure(base.model, plan, progress=progress, stages=stages)
-    stored = stored_deltas(solution.deltas, recipe.adapter.format, DTYPES[recipe.adapter.dtype])
-    return Computation(resolved, base, solution, stored)
+    fmt, dtype = recipe.adapter.format, DTYPES[recipe.adapter.dtype]
+    ranks: dict[str, int] = {}
+
+    def keep(key: str, delta: LowRankDelta) -> LowRankDelta:
+        # the form the file stores, as each site is solved: the float64 updates are not all held to the end
+        site = store_site(delta, fmt, dtype)
+        ranks[key] = site.update_rank
+        return site.delta if site.delta is not None else LowRankDelta.zeros(*delta.shape, dtype=dtype)
+
+    solution = solve_erasure(base.model, plan, progress=progress, stages=stages, keep=keep)
+    stored = {key: delta for key, delta in solution.deltas.items() if delta.rank}
+    return Computation(resolved, base, solution, stored, ranks)
 
 
 def compute_metrics(comp: Computation) -> dict:

@@ -18,7 +18,6 @@ from .adapters.lora import (
     HEADER_MANIFEST,
     file_sha256,
     save_adapter,
-    update_ranks,
     write_safetensors,
 )
 from .cards import write_card
@@ -33,10 +32,7 @@ LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "pydantic", "h
 
 def _site_records(comp: Computation) -> list[SiteRecord]:
     """One record per solved site; ``update_rank`` is the rank the adapter stores (not the solver's column count)."""
-    from .models.loading import DTYPES
-
-    adapter = comp.recipe.adapter
-    ranks = update_ranks(comp.solution.deltas, comp.stored, adapter.format, DTYPES[adapter.dtype])
+    ranks = comp.update_ranks
     records = []
     norms = {}
     for site in comp.solution.sites:

@@ -271,3 +271,30 @@ def test_inspect_of_a_bare_manifest_has_no_sizes(demo_folder, capsys):
     assert main(["inspect", str(demo_folder / "erasepro.yaml"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["adapter_bytes"] is None and summary["adapter_over_dense"] is None
+
+
+@pytest.mark.parametrize("fmt", ["lora", "dense"])
+def test_compute_keeps_each_site_as_the_file_stores_it(fmt):
+    """compute keeps each site's stored form as the solve goes: what a solve stored at the end gives, bit for bit,
+    with the same recorded ranks; no float64 update is left in the computation."""
+    import yaml
+    from conftest import DEMO
+
+    from erasepro_hub.erase import compute
+    from erasepro_hub.manifest import parse_manifest, to_data
+    from erasepro_hub.models.loading import DTYPES
+    from erasepro_hub.models.progressive import solve_erasure
+    from erasepro_hub.recipe import plan_from_recipe
+
+    data = to_data(load_manifest(DEMO))
+    data["adapter"]["format"] = fmt
+    recipe = parse_manifest(yaml.safe_dump(data)).recipe()
+    comp = compute(recipe)
+    dtype = DTYPES[recipe.adapter.dtype]
+    solution = solve_erasure(comp.model, plan_from_recipe(recipe))
+    expected = stored_deltas(solution.deltas, fmt, dtype)
+    assert list(comp.stored) == list(expected) and expected
+    for key, delta in expected.items():
+        assert torch.equal(comp.stored[key].A, delta.A) and torch.equal(comp.stored[key].B, delta.B)
+    assert comp.update_ranks == update_ranks(solution.deltas, expected, fmt, dtype)
+    assert {d.dtype for d in comp.solution.deltas.values()} == {dtype}

@@ -14,6 +14,7 @@ from erasepro_hub.solver import (
     factorize_zero_residual,
     factorize_uce,
     solve,
+    iter_solve_shared,
     solve_shared,
     uce_update,
 )
@@ -410,6 +411,20 @@ def test_solve_shared_is_the_per_site_solve(n_soft, mode):
         )
         if mode == "exact":
             assert ours.report.preserve_residual <= 1e-10
+
+
+@pytest.mark.parametrize("n_soft", [0, 60])
+def test_iter_solve_shared_gives_each_site_as_it_is_solved(n_soft):
+    """The iterator behind solve_shared: one site per step, in the weights' order, the same results bit for bit."""
+    X, Y, V, Y_soft, P, S, weights = _shared_problem(n_soft)
+    fact = factorize_zero_residual(X, preserve=P, preserve_mode="soft", preserve_weight=0.3, soft=S, soft_targets=V)
+    steps = iter_solve_shared(fact, weights, Y, Y_soft=Y_soft)
+    first = next(steps)
+    rest = list(steps)
+    assert [first[0]] + [key for key, _ in rest] == list(weights)
+    whole = solve_shared(fact, weights, Y, Y_soft=Y_soft)
+    for key, result in [first, *rest]:
+        assert torch.equal(result.delta.dense(), whole[key].delta.dense()) and result.report == whole[key].report
 
 
 def test_solve_shared_serves_uce_and_reports_misses_per_site():

@@ -78,6 +78,38 @@ def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
     return LowRankDelta.from_dense(delta.dense(torch.float64))
 
 
+@dataclass(frozen=True)
+class StoredSite:
+    """One site's update as the adapter file holds it (:func:`store_site`)."""
+
+    #: the stored factors, in the adapter's dtype; ``None``: nothing is stored (the zero update)
+    delta: LowRankDelta | None
+    #: the manifest's ``outputs.sites[*].update_rank`` (:func:`update_ranks`)
+    update_rank: int
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("lora", "dense"):
+        raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
+
+
+def store_site(delta: LowRankDelta, fmt: str = "lora", dtype: torch.dtype = torch.float32) -> StoredSite:
+    """One update as :func:`stored_deltas` stores it, with the rank :func:`update_ranks` records for it: what the
+    erase command keeps of each site as the solve goes, instead of every float64 update until the end."""
+    _check_format(fmt)
+    if not delta.rank:
+        return StoredSite(None, 0)
+    if fmt == "dense":
+        dense = dense_as_lora(delta)
+        if not (torch.any(dense.A) and torch.any(dense.B)):  # (the identity is never zero: ΔW is not)
+            return StoredSite(None, 0)
+        return StoredSite(dense.to(dtype), delta.at_numerical_rank(dtype).rank)
+    compact = delta.at_numerical_rank(dtype)
+    if not compact.rank:  # a product that is exactly zero is the zero update too
+        return StoredSite(None, 0)
+    return StoredSite(compact.to(dtype), compact.rank)
+
+
 def stored_deltas(
     deltas: Mapping[str, LowRankDelta], fmt: str = "lora", dtype: torch.dtype = torch.float32
 ) -> dict[str, LowRankDelta]:
@@ -87,20 +119,12 @@ def stored_deltas(
     at the solver's column count, with ``max|B A − ΔW| ≤ 1e-6 · max|ΔW|`` checked after the cast to
     float32 (float16/bfloat16 round by more than that on their own). ``dense``: :func:`dense_as_lora`.
     """
-    if fmt not in ("lora", "dense"):
-        raise ValueError(f"adapter format must be 'lora' or 'dense', got {fmt!r}")
+    _check_format(fmt)
     stored = {}
     for key, delta in deltas.items():
-        if not delta.rank:
-            continue
-        if fmt == "dense":
-            dense = dense_as_lora(delta)
-            if torch.any(dense.A) and torch.any(dense.B):  # (the identity is never zero: ΔW is not)
-                stored[key] = dense.to(dtype)
-            continue
-        compact = delta.at_numerical_rank(dtype)
-        if compact.rank:  # a product that is exactly zero is the zero update too
-            stored[key] = compact.to(dtype)
+        site = store_site(delta, fmt, dtype)
+        if site.delta is not None:
+            stored[key] = site.delta
     return stored
 
 

@@ -37,18 +37,19 @@ position; keeping them together keeps that agreement visible in one file.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import ManifestError, PromptError
-from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, solve, solve_shared
+from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, iter_solve_shared, solve
 from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
 from .conditioning import (
     compose,
@@ -140,7 +141,8 @@ class SiteSolution:
 
 @dataclass
 class ErasureSolution:
-    """Per-site deltas (float64 factors) in shallow → deep order, with their reports."""
+    """Per-site deltas (float64 factors, or what :func:`solve_erasure`'s ``keep`` made of them) in shallow → deep
+    order, with their reports."""
 
     sites: list[SiteSolution]
     stages: list[str]
@@ -329,18 +331,44 @@ def text_encoder_stages(model: EditModel, plan: ErasurePlan) -> dict[str, list[_
 
 
 # ----------------------------------------------------------------------------- the solve
+#: what the solution keeps of a site's float64 update: ``keep(site, ΔW)`` (see :func:`solve_erasure`)
+Keep = Callable[[str, LowRankDelta], LowRankDelta]
+
+
 class _Recorder:
-    def __init__(self, progress: Callable[[str], None] | None):
+    def __init__(self, progress: Callable[[str], None] | None, keep: Keep | None = None):
         self.sites: list[SiteSolution] = []
         self.progress = progress
+        self.keep = keep
 
     def add(self, key: str, stage: str, result) -> None:
-        self.sites.append(SiteSolution(key, stage, result.delta, result.report))
+        delta = result.delta if self.keep is None else self.keep(key, result.delta)
+        self.sites.append(SiteSolution(key, stage, delta, result.report))
         logger.debug("%s: constraint rank %d residual %.3e", key, result.report.constraint_rank, result.report.residual)
 
     def stage_done(self, name: str) -> None:
+        _return_freed_memory()
         if self.progress is not None:
             self.progress(name)
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory a finished stage freed back to the system (glibc keeps freed blocks of a few MB in the
+    process otherwise): each stage's working set (its ``d × d`` metric, soft columns, temporaries) is freed
+    when the stage ends, and what the next one allocates is laid out afresh instead of on top of the gaps.
+    Changes no allocation policy; a no-op where the C library has no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _factorize(
@@ -705,13 +733,13 @@ def _final_sites(
 ) -> None:
     """Sites that read the same rows (the prompt embedding's, or the pooled vector's) and want ``W Y`` for them: one
     factorisation and one solve in input space (:func:`~erasepro_hub.solver.solve_shared`), then ``ΔW = W ΔW_I``
-    per site."""
+    per site, recorded as each is formed."""
     X, V = _split(Xm, soft, soft_weight)
     fact = _factorize(plan, X, Pm.T if Pm is not None else None, soft=summary, soft_targets=V, uce=plan.method == "uce")
     Y, Y_soft = _split(Ym, soft, soft_weight)
     solver = plan.recipe.solver
-    results = solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol)
-    for key, result in results.items():
+    # one site at a time: each float64 update is let go once recorded (the recorder may keep less of it)
+    for key, result in iter_solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol):
         recorder.add(key, stage, result)
 
 
@@ -722,19 +750,23 @@ def solve_erasure(
     *,
     progress: Callable[[str], None] | None = None,
     stages: Callable[[int], None] | None = None,
+    keep: Keep | None = None,
 ) -> ErasureSolution:
     """Run the progressive solve; the model's weights are not modified.
 
     ``stages(n)`` is called once, before the first stage is solved, with the number of stages;
     ``progress(name)`` is then called as each stage finishes (``n`` calls in all, the last with
-    :data:`FINAL_STAGE`).
+    :data:`FINAL_STAGE`). ``keep(site, ΔW)``, called as each site is solved, gives what the solution holds for
+    it instead of the float64 update (the erase command keeps the form the adapter file stores, so that a
+    many-site solve does not hold every float64 update to the end); the stages are solved and applied with the
+    float64 updates whatever it keeps.
     """
     start = time.perf_counter()
     tokens = _tokenize(model, plan)
     plan_stages = text_encoder_stages(model, plan)
     if stages is not None:
         stages(sum(len(s) for s in plan_stages.values()) + 1)  # the text-encoder stages, then the final stage
-    recorder = _Recorder(progress)
+    recorder = _Recorder(progress, keep)
     n_targets = len(plan.pairs) + len(plan.soft_pairs)
     edited, original, preserved = [], [], []  # per encoder: (sequence output, pooled output)
     timings: dict[str, float] = {"tokenize": time.perf_counter() - start}

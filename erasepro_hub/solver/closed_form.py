@@ -61,7 +61,7 @@ apart, each would re-state the maths the others rely on. Every function is one s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -669,6 +669,20 @@ def solve_shared(
         Y: ``(d, N)`` inputs whose outputs the target columns should reach.
         Y_soft: ``(d, N_v)`` the same for the soft targets (required exactly when ``fact`` has them).
     """
+    return dict(iter_solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=strict, residual_tol=residual_tol))
+
+
+def iter_solve_shared(
+    fact: Factorization,
+    weights: Mapping[str, Tensor],
+    Y: Tensor,
+    *,
+    Y_soft: Tensor | None = None,
+    strict: bool = False,
+    residual_tol: float = DEFAULT_RESIDUAL_TOL,
+) -> Iterator[tuple[str, SolveResult]]:
+    """:func:`solve_shared` one site at a time, in the order of ``weights``: ``(site, result)`` as each is solved,
+    so that a caller keeping less than the float64 update (the adapter's stored form) never holds them all."""
     d = fact.input_dim
     Y = _as_matrix("Y", Y, rows=d, finite=False)
     soft = fact.soft_targets
@@ -676,10 +690,9 @@ def solve_shared(
         raise ValueError("Y_soft is needed exactly when the factorisation has soft targets")
     Y_soft = _as_matrix("Y_soft", Y_soft, rows=d, finite=False) if Y_soft is not None else None
     if soft is not None and soft.A is None:  # the one-site (dense) soft form: nothing to share
-        return {
-            key: solve(fact, w, w.double() @ Y, T_soft=w.double() @ Y_soft, strict=strict, residual_tol=residual_tol, site=key)
-            for key, w in weights.items()
-        }
+        for key, w in weights.items():
+            yield key, solve(fact, w, w.double() @ Y, T_soft=w.double() @ Y_soft, strict=strict, residual_tol=residual_tol, site=key)
+        return
     # each site reports (and warns about) its own residual below
     shared = _update(
         fact, None, Y, WX=fact.X, WP=fact.P, T_soft=Y_soft, WV=soft.V if soft is not None else None,
@@ -693,7 +706,6 @@ def solve_shared(
     P32 = fact.P.to(torch.float32) if fact.P is not None else None
     gram = base.A @ base.A.T if base.rank and base.rank <= d and not _is_identity(base.B) else None
     n = Y.shape[1]
-    results = {}
     for key, weight in weights.items():
         if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != d:
             raise ValueError(f"{key}: W{tuple(getattr(weight, 'shape', ()))} does not read inputs of width {d}")
@@ -705,7 +717,7 @@ def solve_shared(
         t_norm = float(torch.linalg.matrix_norm(products[:, :n]))
         met = fact.exact and float(torch.linalg.matrix_norm(products[:, 2 * n :])) <= residual_tol * t_norm
         if met != shared_met:  # this site's W decides "already met" the other way: solve it on its own
-            results[key] = solve(
+            yield key, solve(
                 fact, weight, W @ Y, T_soft=W @ Y_soft if soft is not None else None, strict=strict,
                 residual_tol=residual_tol, site=key,
             )
@@ -729,8 +741,7 @@ def solve_shared(
         report = _report(
             fact, d, delta, residual, preserve_residual, delta_norm, site=key, strict=strict, residual_tol=residual_tol
         )
-        results[key] = SolveResult(delta, report)
-    return results
+        yield key, SolveResult(delta, report)
 
 
 def _report(
