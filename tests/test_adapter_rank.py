@@ -11,9 +11,9 @@ from erasepro_hub.adapters.lora import (
     file_sha256,
     read_adapter,
     save_adapter,
+    store_site,
     stored_deltas,
     to_state_dict,
-    update_ranks,
 )
 from erasepro_hub.cli import main
 from erasepro_hub.manifest import load_manifest
@@ -170,7 +170,7 @@ def test_a_full_rank_dense_update_is_stored_beside_the_shared_identity(tmp_path)
     # full numerical rank: no SVD factors, the update itself beside the identity, cast to float32
     assert stored["unet.a"].B is stored["unet.c"].B and stored["unet.b"].A is stored["unet.a"].B
     assert torch.equal(stored["unet.a"].A, wide.A.float()) and torch.equal(stored["unet.b"].B, tall.B.float())
-    assert update_ranks({"unet.a": wide}, stored, "lora") == {"unet.a": 24}
+    assert store_site(wide).update_rank == 24
     # a file written from shared factors holds each site's own copy, and reads back within the guarantee
     back = through_file(tmp_path, {"unet.a": wide, "unet.b": tall})
     assert relative_error(back["unet.a"], wide) <= STORAGE_RTOL and relative_error(back["unet.b"], tall) <= STORAGE_RTOL
@@ -230,7 +230,10 @@ def test_zero_updates_are_left_out():
     for fmt in ("lora", "dense"):
         stored = stored_deltas(deltas, fmt)
         assert set(stored) == {"unet.one"}
-        assert update_ranks(deltas, stored, fmt) == {"unet.zero": 0, "unet.cancel": 0, "unet.one": 1}
+        sites = {key: store_site(delta, fmt) for key, delta in deltas.items()}
+        ranks = {key: site.update_rank for key, site in sites.items()}
+        assert ranks == {"unet.zero": 0, "unet.cancel": 0, "unet.one": 1}
+        assert sites["unet.zero"].delta is None and sites["unet.cancel"].delta is None
     assert set(to_state_dict(deltas)) == {"unet.one.lora_A.weight", "unet.one.lora_B.weight"}
 
 
@@ -239,7 +242,8 @@ def test_dense_format_is_unaffected():
     stored = stored_deltas({"unet.x": delta}, "dense")["unet.x"]
     assert stored.rank == 64 and torch.equal(stored.B, torch.eye(64, dtype=torch.float32))
     assert torch.equal(stored.A, delta.dense().float())
-    assert update_ranks({"unet.x": delta}, {"unet.x": stored}, "dense") == {"unet.x": 5}
+    site = store_site(delta, "dense")
+    assert site.update_rank == 5 and torch.equal(site.delta.A, stored.A)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -296,5 +300,7 @@ def test_compute_keeps_each_site_as_the_file_stores_it(fmt):
     assert list(comp.stored) == list(expected) and expected
     for key, delta in expected.items():
         assert torch.equal(comp.stored[key].A, delta.A) and torch.equal(comp.stored[key].B, delta.B)
-    assert comp.update_ranks == update_ranks(solution.deltas, expected, fmt, dtype)
+    ranks = {key: store_site(delta, fmt, dtype).update_rank for key, delta in solution.deltas.items()}
+    assert comp.update_ranks == ranks
+    assert comp.solution.seconds > 0 and comp.solution.timings["keep"] > 0
     assert {d.dtype for d in comp.solution.deltas.values()} == {dtype}

@@ -11,13 +11,14 @@ from erasepro_hub.errors import CapacityError, CapacityWarning
 from erasepro_hub.solver import (
     LowRankDelta,
     erasepro_update,
-    factorize_zero_residual,
     factorize_uce,
-    solve,
+    factorize_zero_residual,
     iter_solve_shared,
+    solve,
     solve_shared,
     uce_update,
 )
+from erasepro_hub.solver.metric import cholesky_of_metric
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -415,16 +416,41 @@ def test_solve_shared_is_the_per_site_solve(n_soft, mode):
 
 @pytest.mark.parametrize("n_soft", [0, 60])
 def test_iter_solve_shared_gives_each_site_as_it_is_solved(n_soft):
-    """The iterator behind solve_shared: one site per step, in the weights' order, the same results bit for bit."""
+    """One site per step, in the weights' order, each the update the per-site solve gives; its inputs are checked
+    when it is called, before any site is solved."""
     X, Y, V, Y_soft, P, S, weights = _shared_problem(n_soft)
     fact = factorize_zero_residual(X, preserve=P, preserve_mode="soft", preserve_weight=0.3, soft=S, soft_targets=V)
+    if n_soft:
+        with pytest.raises(ValueError, match="Y_soft is needed"):
+            iter_solve_shared(fact, weights, Y)
     steps = iter_solve_shared(fact, weights, Y, Y_soft=Y_soft)
     first = next(steps)
-    rest = list(steps)
-    assert [first[0]] + [key for key, _ in rest] == list(weights)
-    whole = solve_shared(fact, weights, Y, Y_soft=Y_soft)
-    for key, result in [first, *rest]:
-        assert torch.equal(result.delta.dense(), whole[key].delta.dense()) and result.report == whole[key].report
+    results = [first, *steps]
+    assert [key for key, _ in results] == list(weights)
+    for key, result in results:
+        W = weights[key]
+        alone = solve(fact, W, W @ Y, T_soft=W @ Y_soft if V is not None else None)
+        assert rel(result.delta.dense(), alone.delta.dense()) <= 1e-9
+        assert rel((W + result.delta.dense()) @ X, W @ Y) <= 1e-10
+
+
+def test_the_metric_is_factorised_in_place_of_its_gram_matrix():
+    """cholesky_of_metric writes the factor of I + G over G's storage (no second d × d matrix), the factor a plain
+    Cholesky gives bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.randn(40, 300, generator=g, dtype=torch.float64)
+    G = F @ F.T
+    G = (G + G.T) / 2  # symmetric to the last bit, as metric.gram makes it
+    expected = torch.linalg.cholesky(G + torch.eye(40, dtype=torch.float64))
+    storage = G.data_ptr()
+    L = cholesky_of_metric(G)
+    assert L.data_ptr() == storage and torch.equal(L, expected)
+    B = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(torch.cholesky_solve(B, L), torch.cholesky_solve(B, expected))
+    bad = (F @ F.T + F @ F.T) / 2
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cholesky_of_metric(bad)
 
 
 def test_solve_shared_serves_uce_and_reports_misses_per_site():

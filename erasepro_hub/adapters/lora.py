@@ -84,7 +84,8 @@ class StoredSite:
 
     #: the stored factors, in the adapter's dtype; ``None``: nothing is stored (the zero update)
     delta: LowRankDelta | None
-    #: the manifest's ``outputs.sites[*].update_rank`` (:func:`update_ranks`)
+    #: the manifest's ``outputs.sites[*].update_rank``: the rank the file holds (``lora``), or the numerical rank
+    #: the ``lora`` format would store (``dense``, which holds every site at full width); 0 where nothing is stored
     update_rank: int
 
 
@@ -94,8 +95,8 @@ def _check_format(fmt: str) -> None:
 
 
 def store_site(delta: LowRankDelta, fmt: str = "lora", dtype: torch.dtype = torch.float32) -> StoredSite:
-    """One update as :func:`stored_deltas` stores it, with the rank :func:`update_ranks` records for it: what the
-    erase command keeps of each site as the solve goes, instead of every float64 update until the end."""
+    """One update as :func:`stored_deltas` stores it, with the rank the manifest records for it: what the erase
+    command keeps of each site as the solve goes, instead of every float64 update until the end."""
     _check_format(fmt)
     if not delta.rank:
         return StoredSite(None, 0)
@@ -126,21 +127,6 @@ def stored_deltas(
         if site.delta is not None:
             stored[key] = site.delta
     return stored
-
-
-def update_ranks(
-    deltas: Mapping[str, LowRankDelta], stored: Mapping[str, LowRankDelta], fmt: str = "lora",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, int]:
-    """The rank of each site's stored update (the manifest's ``outputs.sites[*].update_rank``); 0: nothing stored.
-
-    ``stored`` is :func:`stored_deltas` of ``deltas``. For ``lora`` it is the rank the file holds; a
-    ``dense`` file holds every site at full width, so there it is the numerical rank the ``lora`` format
-    would store.
-    """
-    if fmt == "lora":
-        return {key: stored[key].rank if key in stored else 0 for key in deltas}
-    return {key: deltas[key].at_numerical_rank(dtype).rank if key in stored else 0 for key in deltas}
 
 
 def to_state_dict(

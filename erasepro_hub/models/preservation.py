@@ -7,7 +7,8 @@ only ``P Pᵀ`` matters, and its leading eigen-directions carry nearly all of it
 once from the **original** model — the captions are not what the erasure changes, and earlier
 stages keep them in place — and cached on disk under a key that covers everything the summary
 depends on: the caption token ids, every text-encoder weight (of the token-embedding table, the
-rows those ids read), the stages and their token positions, the rank. The solver's cost then no longer grows with the number of captions.
+rows those ids read), the stages and their token positions, the rank. The solver's cost then no
+longer grows with the number of captions.
 
 The cache lives in ``$ERASEPRO_CACHE`` (default ``$XDG_CACHE_HOME/erasepro_hub`` or
 ``~/.cache/erasepro_hub``), one safetensors file per key, written atomically; an unreadable or
@@ -62,9 +63,10 @@ def summarize(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return (U[:, :keep] * values[:keep].sqrt()).float().contiguous()
 
 
-#: module → (what its tensors are now and the embedding rows read, their sha256): hashing a CLIP-L encoder takes
-#: most of a second, and compare and the benchmarks solve many times on one loaded model. An in-place change of a
-#: weight bumps its version counter, a new tensor has a new address: either makes the entry stale.
+#: module → (what its tensors are now, the sha256 of all of them but the token-embedding table's values): hashing
+#: a CLIP-L encoder takes most of a second, and compare and the benchmarks solve many times on one loaded model
+#: (the rows a caption set reads are hashed per call: a few thousand rows). An in-place change of a weight bumps
+#: its version counter, a new tensor has a new address: either makes the entry stale.
 _FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -81,37 +83,44 @@ def _token_embedding(module: torch.nn.Module) -> torch.Tensor | None:
 
 def _module_fingerprint(module: torch.nn.Module, ids: torch.Tensor) -> str:
     """sha256 of what a pass of the token ids ``ids`` through ``module`` reads: every tensor of its state, but of
-    the token-embedding table only the rows ``ids`` select (with their indices and the table's shape).
+    the token-embedding table only the rows ``ids`` select (with their indices; the table's name and shape too).
 
     The summaries depend on no other row, and the table is the largest tensor of a text encoder (49408 × 768
     in CLIP-L, 145 MB in float32): reading all of it would bring the whole memory-mapped table into memory for
     the rest of the process, where a solve needs a few thousand rows.
     """
     table = _token_embedding(module)
-    rows = torch.unique(ids.detach().to("cpu", torch.long)) if table is not None else None
+
+    def is_table(t: torch.Tensor) -> bool:  # (T5 ties two state entries to one table: both are the table)
+        return table is not None and t.data_ptr() == table.data_ptr() and t.shape == table.shape
+
     state = sorted(module.state_dict().items())
-    now = (
-        tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state),
-        hashlib.sha256(rows.numpy().tobytes()).hexdigest() if rows is not None else None,
-    )
+    now = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state)
     known = _FINGERPRINTS.get(module)
-    if known is not None and known[0] == now:
+    if known is None or known[0] != now:
+        digest = hashlib.sha256()
+        for name, tensor in state:
+            data = tensor.detach()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            if is_table(data):
+                continue  # its rows are hashed below, per set of ids
+            data = data.to("cpu").contiguous()
+            digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")  # the buffer itself: no copy
+        known = (now, digest.hexdigest())
+        _FINGERPRINTS[module] = known
+    if table is None:
         return known[1]
-    digest = hashlib.sha256()
-    for name, tensor in state:
-        data = tensor.detach()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        if table is not None and data.data_ptr() == table.data_ptr() and data.shape == table.shape:
-            digest.update(b"rows:" + rows.numpy().tobytes())
-            data = data.index_select(0, rows.to(data.device))
-        data = data.to("cpu").contiguous()
-        digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")  # the buffer itself: no copy
-    _FINGERPRINTS[module] = (now, digest.hexdigest())
+    rows = torch.unique(ids.detach().to("cpu", torch.long))
+    read = table.detach().index_select(0, rows.to(table.device)).to("cpu").contiguous()
+    digest = hashlib.sha256(known[1].encode())
+    digest.update(rows.numpy().tobytes())
+    digest.update(read.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
 def _fingerprint(models: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> str:
-    return hashlib.sha256("".join(_module_fingerprint(m, i) for m, i in zip(models, ids, strict=True)).encode()).hexdigest()
+    joined = "".join(_module_fingerprint(m, i) for m, i in zip(models, ids, strict=True))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def _cache_key(model: EditModel, ids: Sequence[torch.Tensor], stages: Mapping[str, tuple], policy: str, rank: int) -> str:

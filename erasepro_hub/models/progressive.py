@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -340,9 +341,14 @@ class _Recorder:
         self.sites: list[SiteSolution] = []
         self.progress = progress
         self.keep = keep
+        self.keep_seconds = 0.0  # time in ``keep``: storage, not the solve
 
     def add(self, key: str, stage: str, result) -> None:
-        delta = result.delta if self.keep is None else self.keep(key, result.delta)
+        delta = result.delta
+        if self.keep is not None:
+            start = time.perf_counter()
+            delta = self.keep(key, delta)
+            self.keep_seconds += time.perf_counter() - start
         self.sites.append(SiteSolution(key, stage, delta, result.report))
         logger.debug("%s: constraint rank %d residual %.3e", key, result.report.constraint_rank, result.report.residual)
 
@@ -354,18 +360,22 @@ class _Recorder:
 
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl, Windows)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    """glibc's ``malloc_trim``; ``None`` elsewhere (macOS, Windows, a C library without it)."""
+    if not sys.platform.startswith("linux"):
         return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # no C library to open, or no such function in it (musl)
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def _return_freed_memory() -> None:
     """Hand the memory a finished stage freed back to the system (glibc keeps freed blocks of a few MB in the
     process otherwise): each stage's working set (its ``d × d`` metric, soft columns, temporaries) is freed
-    when the stage ends, and what the next one allocates is laid out afresh instead of on top of the gaps.
-    Changes no allocation policy; a no-op where the C library has no ``malloc_trim``."""
+    when the stage ends, and what the next one allocates is laid out afresh instead of around the gaps.
+    Changes no allocation setting; a no-op where the C library has no ``malloc_trim``."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -739,7 +749,8 @@ def _final_sites(
     Y, Y_soft = _split(Ym, soft, soft_weight)
     solver = plan.recipe.solver
     # one site at a time: each float64 update is let go once recorded (the recorder may keep less of it)
-    for key, result in iter_solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol):
+    sites = iter_solve_shared(fact, weights, Y, Y_soft=Y_soft, strict=solver.strict, residual_tol=solver.residual_tol)
+    for key, result in sites:
         recorder.add(key, stage, result)
 
 
@@ -759,7 +770,9 @@ def solve_erasure(
     :data:`FINAL_STAGE`). ``keep(site, ΔW)``, called as each site is solved, gives what the solution holds for
     it instead of the float64 update (the erase command keeps the form the adapter file stores, so that a
     many-site solve does not hold every float64 update to the end); the stages are solved and applied with the
-    float64 updates whatever it keeps.
+    float64 updates whatever it keeps. The time spent in ``keep`` is ``timings["keep"]``, not part of the
+    solution's ``seconds``. At each stage's end the memory the stage freed is handed back to the system
+    (:func:`_return_freed_memory`).
     """
     start = time.perf_counter()
     tokens = _tokenize(model, plan)
@@ -807,6 +820,8 @@ def solve_erasure(
         _final_sites(plan, model.pooled_weights, Xp, Yp, Pp, soft, None, summaries.get(FINAL_POOLED), recorder, stage)
     recorder.stage_done(FINAL_STAGE)
     timings["final_stage"] = time.perf_counter() - t0
+    if keep is not None:  # the stages' figures include it; the solve's seconds do not
+        timings["keep"] = recorder.keep_seconds
     stage_names = list(dict.fromkeys(s.stage for s in recorder.sites))
     kept = {}
     read = [i for segment in model.conditioning.segments for i in segment]  # encoders whose sequence is read
@@ -818,7 +833,7 @@ def solve_erasure(
         stages=stage_names,
         n_pairs=n_targets,
         n_constrained_tokens=int((~tokens.final_soft).sum()),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start - recorder.keep_seconds,
         timings=timings,
         original_embeddings=kept,
     )

@@ -689,9 +689,21 @@ def iter_solve_shared(
     if (soft is None) != (Y_soft is None):
         raise ValueError("Y_soft is needed exactly when the factorisation has soft targets")
     Y_soft = _as_matrix("Y_soft", Y_soft, rows=d, finite=False) if Y_soft is not None else None
+    # the inputs are checked here, when it is called; the sites are solved as the caller asks for them
+    return _each_site(fact, weights, Y, Y_soft, strict, residual_tol)
+
+
+def _each_site(
+    fact: Factorization, weights: Mapping[str, Tensor], Y: Tensor, Y_soft: Tensor | None, strict: bool,
+    residual_tol: float,
+) -> Iterator[tuple[str, SolveResult]]:
+    """:func:`iter_solve_shared`'s sites, one at a time (its inputs already checked)."""
+    d = fact.input_dim
+    soft = fact.soft_targets
     if soft is not None and soft.A is None:  # the one-site (dense) soft form: nothing to share
         for key, w in weights.items():
-            yield key, solve(fact, w, w.double() @ Y, T_soft=w.double() @ Y_soft, strict=strict, residual_tol=residual_tol, site=key)
+            T, T_soft = w.double() @ Y, w.double() @ Y_soft
+            yield key, solve(fact, w, T, T_soft=T_soft, strict=strict, residual_tol=residual_tol, site=key)
         return
     # each site reports (and warns about) its own residual below
     shared = _update(

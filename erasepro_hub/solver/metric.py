@@ -76,11 +76,16 @@ def metric_cholesky(blocks: Sequence[Block], dtype: torch.dtype) -> Tensor:
 
 
 def cholesky_of_metric(G: Tensor) -> Tensor:
-    """The Cholesky factor of ``I + G``, written over ``G`` (the caller's Gram matrix, not read again). A NaN or inf in the metric's features reaches ``G`` and from there a
-    diagonal entry of the factor: reported here, checked on the ``d`` (or ``k``) diagonal entries only."""
+    """The Cholesky factor of ``I + G`` (``G`` symmetric, the caller's Gram matrix: overwritten, not read again).
+
+    Factorised in place: LAPACK works on column-major matrices, and ``Gᵀ`` (the same values) is one, so the
+    factor is written over ``G``'s storage (75 MB at d = 3072); given ``G`` itself as ``out``, torch would
+    factorise into a column-major temporary of that size and copy it back. A NaN or inf in the metric's
+    features reaches ``G`` and from there a diagonal entry of the factor: reported here, checked on the ``d``
+    (or ``k``) diagonal entries only."""
     G.diagonal().add_(1.0)
-    # factorised in place: ``G`` (``d × d`` in the widest case, 75 MB at d = 3072) is not needed again
-    L, info = torch.linalg.cholesky_ex(G, out=(G, torch.empty((), dtype=torch.int32, device=G.device)))
+    L = G.mT
+    _, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=G.device)))
     if int(info) or not torch.isfinite(L.diagonal()).all():
         raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
     return L
