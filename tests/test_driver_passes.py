@@ -3,6 +3,8 @@ the preserve pass through the original model, and what the metrics reuse from th
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from conftest import REPO
@@ -125,3 +127,32 @@ def test_the_anchor_capture_holds_each_anchor_position_once():
     every = torch.ones(len(pos.a_rows), dtype=torch.bool)
     assert captured[stage.name].values.shape[0] == distinct
     assert torch.equal(captured[stage.name].rows(every), _gather(seen["out"], pos.a_rows, pos.a_pos))
+
+
+def test_freed_memory_is_handed_back_only_where_the_c_library_has_malloc_trim(monkeypatch):
+    """glibc's malloc_trim at each stage's end; elsewhere (another platform, no C library to open, no such
+    function) a no-op, never an error."""
+    from erasepro_hub.models import progressive
+
+    def cannot_open(name):
+        raise OSError("no C library here")
+
+    class NoTrim:
+        def __init__(self, name):
+            pass
+
+    trim = progressive._malloc_trim
+    trim.cache_clear()
+    try:
+        for system, cdll in (("win32", None), ("darwin", None), ("linux", cannot_open), ("linux", NoTrim)):
+            monkeypatch.setattr(progressive.sys, "platform", system)
+            if cdll is not None:
+                monkeypatch.setattr(progressive.ctypes, "CDLL", cdll)
+            assert trim() is None
+            progressive._return_freed_memory()
+            trim.cache_clear()
+            monkeypatch.undo()
+        if platform.libc_ver()[0] == "glibc":
+            assert trim() is not None and trim()(0) in (0, 1)
+    finally:
+        trim.cache_clear()
