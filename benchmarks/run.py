@@ -670,7 +670,9 @@ def markdown(report: dict) -> str:
         f"100 concepts (template \"{{}}\", {c100['token_policy']}, {c100['preserve_prompts']} preserve prompts, "
         f"{c100['captions']} default captions), one process each, weights loaded, median of "
         f"{len(d['concepts100_samples_s']['erasepro'])} interleaved pairs: erasepro solve {d['concepts100_solve_s']:.1f} s "
-        f"(load {c100['load_s']:.1f} s), peak RSS {d['peak_rss_100_gb']:.2f} GB; peer edit "
+        f"(load {c100['load_s']:.1f} s; each site brought to its stored form as it is solved, as `erase` does, timed "
+        f"apart: {c100['store_s']:.1f} s in the median run), peak RSS {d['peak_rss_100_gb']:.2f} GB "
+        f"(samples {', '.join(f'{x:.2f}' for x in d['concepts100_peak_rss_samples_gb']['erasepro'])} GB); peer edit "
         f"{d['concepts100_ref_uce_edit_s']:.1f} s (pipeline load {r100['load_s']:.1f} s), peak RSS "
         f"{d['concepts100_ref_uce_peak_rss_gb']:.2f} GB. Samples: erasepro {_seconds(d['concepts100_samples_s']['erasepro'])}, "
         f"peer {_seconds(d['concepts100_samples_s']['ref_uce'])}.",
