@@ -470,8 +470,7 @@ def scaling_case(concepts: int, templates: int, policy: str) -> dict:
     import warnings
 
     def keep(key, delta):
-        stored = store_site(delta, "lora", torch.float32).delta
-        return stored if stored is not None else delta.zeros(*delta.shape, dtype=torch.float32)
+        return store_site(delta, "lora", torch.float32).delta
 
     start = time.perf_counter()
     with warnings.catch_warnings():

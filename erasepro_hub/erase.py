@@ -86,7 +86,7 @@ def compute(
         # the form the file stores, as each site is solved: the float64 updates are not all held to the end
         site = store_site(delta, fmt, dtype)
         ranks[key] = site.update_rank
-        return site.delta if site.delta is not None else LowRankDelta.zeros(*delta.shape, dtype=dtype)
+        return site.delta
 
     solution = solve_erasure(base.model, plan, progress=progress, stages=stages, keep=keep)
     stored = {key: delta for key, delta in solution.deltas.items() if delta.rank}

@@ -82,8 +82,8 @@ def dense_as_lora(delta: LowRankDelta) -> LowRankDelta:
 class StoredSite:
     """One site's update as the adapter file holds it (:func:`store_site`)."""
 
-    #: the stored factors, in the adapter's dtype; ``None``: nothing is stored (the zero update)
-    delta: LowRankDelta | None
+    #: the stored factors, in the adapter's dtype; rank 0 where nothing is stored (the zero update)
+    delta: LowRankDelta
     #: the manifest's ``outputs.sites[*].update_rank``: the rank the file holds (``lora``), or the numerical rank
     #: the ``lora`` format would store (``dense``, which holds every site at full width); 0 where nothing is stored
     update_rank: int
@@ -98,16 +98,17 @@ def store_site(delta: LowRankDelta, fmt: str = "lora", dtype: torch.dtype = torc
     """One update as :func:`stored_deltas` stores it, with the rank the manifest records for it: what the erase
     command keeps of each site as the solve goes, instead of every float64 update until the end."""
     _check_format(fmt)
+    nothing = StoredSite(LowRankDelta.zeros(*delta.shape, dtype=dtype), 0)
     if not delta.rank:
-        return StoredSite(None, 0)
+        return nothing
     if fmt == "dense":
         dense = dense_as_lora(delta)
         if not (torch.any(dense.A) and torch.any(dense.B)):  # (the identity is never zero: ΔW is not)
-            return StoredSite(None, 0)
+            return nothing
         return StoredSite(dense.to(dtype), delta.at_numerical_rank(dtype).rank)
     compact = delta.at_numerical_rank(dtype)
     if not compact.rank:  # a product that is exactly zero is the zero update too
-        return StoredSite(None, 0)
+        return nothing
     return StoredSite(compact.to(dtype), compact.rank)
 
 
@@ -124,7 +125,7 @@ def stored_deltas(
     stored = {}
     for key, delta in deltas.items():
         site = store_site(delta, fmt, dtype)
-        if site.delta is not None:
+        if site.delta.rank:
             stored[key] = site.delta
     return stored
 
