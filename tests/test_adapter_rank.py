@@ -235,6 +235,8 @@ def test_zero_updates_are_left_out():
         assert ranks == {"unet.zero": 0, "unet.cancel": 0, "unet.one": 1}
         for key in ("unet.zero", "unet.cancel"):  # nothing stored: the zero update of the site's shape
             assert sites[key].delta.rank == 0 and sites[key].delta.shape == (8, 12)
+    with pytest.raises(ValueError, match="adapter format must be 'lora' or 'dense', got 'safetensors'"):
+        store_site(deltas["unet.one"], "safetensors")
     assert set(to_state_dict(deltas)) == {"unet.one.lora_A.weight", "unet.one.lora_B.weight"}
 
 
