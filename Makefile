@@ -53,6 +53,7 @@ COMPARE_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro-kv,erasepro 
 	--variant caption-weight-1:preserve.caption_weight=1.0 \
 	--variant preserve-none:preserve.mode=none,preserve.captions=none \
 	--variant preserve-weight-1:preserve.weight=1.0 \
+	--variant preserve-window:preserve.positions=window \
 	--variant no-misspellings:prompts.misspellings=false \
 	--variant misspelling-weight-0.03:prompts.misspelling_weight=0.03 \
 	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
@@ -70,6 +71,7 @@ VALIDATION_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro \
 	--variant concept-suffix:solver.token_policy=concept-suffix \
 	--variant first-layer-0:text_encoder.first_layer=0 --variant first-layer-2:text_encoder.first_layer=2 \
 	--variant captions-none:preserve.captions=none \
+	--variant preserve-window:preserve.positions=window \
 	--variant no-misspellings:prompts.misspellings=false \
 	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
 	--variant own-templates:prompts.kind=null \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -53,11 +54,20 @@ def test_the_window_cut_changes_nothing_a_causal_encoder_reads():
     assert torch.allclose(full[:, :9], cut, atol=1e-5, rtol=1e-5)
 
 
+def _preserving(positions: str, **update):
+    return _DEMO.model_copy(update={"preserve": _DEMO.preserve.model_copy(update={"positions": positions, **update})})
+
+
 def test_the_preserve_pass_reads_the_original_model_and_the_metrics_reuse_it():
+    """Under ``preserve.positions: window`` the preserve pass runs the whole window: the metrics reuse it. Under the
+    default (each prompt's own tokens) a causal encoder's pass stops at the last end-of-text token: nothing to
+    reuse, the metrics compute those rows themselves."""
     base = _base()
-    plan = plan_from_recipe(_DEMO)
+    recipe = _preserving("window")
+    plan = plan_from_recipe(recipe)
     solution = solve_erasure(base.model, plan)
     assert set(solution.original_embeddings) == {p.text for p in plan.preserve}
+    assert solve_erasure(base.model, plan_from_recipe(_DEMO)).original_embeddings == {}
     te = base.model.text_encoders[0]
     ids = encode(te.tokenizer, plan.preserve).ids
     original, _ = prompt_embeddings(base.model, [ids])
@@ -65,30 +75,35 @@ def test_the_preserve_pass_reads_the_original_model_and_the_metrics_reuse_it():
         assert torch.allclose(solution.original_embeddings[prompt.text], original[i], atol=1e-5)
     # the metrics give the same figures with and without the rows the solve already computed
     deltas = solution.deltas
-    args = dict(pairs=training_pairs(_DEMO), token_policy="concept-eos", heldout=heldout_pairs(_DEMO),
-                preserve=drift_prompts(_DEMO))
+    args = dict(pairs=training_pairs(recipe), token_policy="concept-eos", heldout=heldout_pairs(recipe),
+                preserve=drift_prompts(recipe))
     reused = feature_metrics(base.model, deltas, known=solution.original_embeddings, **args)
     fresh = feature_metrics(base.model, deltas, **args)
     for key in ("preserve_similarity", "preserve_similarity_min", "preserve_drift", "anchor_similarity"):
         assert abs(reused[key] - fresh[key]) <= 1e-6 * max(1.0, abs(fresh[key]))
 
 
-def test_exact_preservation_leaves_the_preserve_prompts_where_the_original_model_had_them():
+@pytest.mark.parametrize("positions", ["prompt", "window"])
+def test_exact_preservation_leaves_the_preserve_prompts_where_the_original_model_had_them(positions):
     """Preserve features come from the original model; under exact preservation every stage keeps them there,
-    so the edited encoder computes the original embedding for every preserve prompt."""
+    so the edited encoder computes the original embedding for every preserve prompt at every position kept:
+    its own tokens (``prompt``), or the whole window, padding included (``window``)."""
     from erasepro_hub.metrics.features import EditedEncoders
 
-    recipe = _DEMO.model_copy(update={"preserve": _DEMO.preserve.model_copy(update={"mode": "exact", "captions": "none"})})
     base = _base()
-    plan = plan_from_recipe(recipe)
+    plan = plan_from_recipe(_preserving(positions, mode="exact", captions="none"))
     solution = solve_erasure(base.model, plan)
     te = base.model.text_encoders[0]
-    ids = encode(te.tokenizer, plan.preserve).ids
-    before, _ = prompt_embeddings(base.model, [ids])
+    enc = encode(te.tokenizer, plan.preserve)
+    before, _ = prompt_embeddings(base.model, [enc.ids])
     stored = {k: d.to(torch.float32) for k, d in solution.deltas.items()}
     with EditedEncoders(base.model, stored):
-        after, _ = prompt_embeddings(base.model, [ids])
-    assert float((after - before).abs().max() / before.abs().max()) <= 1e-5
+        after, _ = prompt_embeddings(base.model, [enc.ids])
+    own = torch.arange(enc.length)[None, :] <= torch.tensor(enc.eos)[:, None]
+    scale = before.abs().max()
+    assert float((after - before)[own].abs().max() / scale) <= 1e-5
+    padding = float((after - before)[~own].abs().max() / scale)
+    assert padding <= 1e-5 if positions == "window" else padding > 1e-3  # the padding is kept only under window
 
 
 def test_the_anchor_capture_holds_each_anchor_position_once():
@@ -156,3 +171,30 @@ def test_freed_memory_is_handed_back_only_where_the_c_library_has_malloc_trim(mo
             assert trim() is not None and trim()(0) in (0, 1)
     finally:
         trim.cache_clear()
+
+
+def test_only_a_stage_with_large_updates_hands_memory_back(monkeypatch):
+    """The trim walks the whole heap (milliseconds): it runs at the end of a stage whose float64 updates reached
+    TRIM_BYTES (its working set grew with them), not after each of a small solve's stages."""
+    from types import SimpleNamespace
+
+    from erasepro_hub.models import progressive
+    from erasepro_hub.solver.delta import LowRankDelta
+
+    calls = []
+    monkeypatch.setattr(progressive, "_return_freed_memory", lambda: calls.append(1))
+    report = SimpleNamespace(constraint_rank=0, residual=0.0)
+    recorder = progressive._Recorder(None)
+    small = LowRankDelta(torch.zeros(768, 20, dtype=torch.float64), torch.zeros(20, 3072, dtype=torch.float64))
+    for stage in ("a", "b"):
+        recorder.add(f"{stage}.site", stage, SimpleNamespace(delta=small, report=report))
+        recorder.stage_done(stage)
+    assert calls == []
+    rank = progressive.TRIM_BYTES // (8 * (768 + 3072)) + 1
+    large = LowRankDelta(torch.zeros(768, rank, dtype=torch.float64), torch.zeros(rank, 3072, dtype=torch.float64))
+    recorder.add("c.site", "c", SimpleNamespace(delta=large, report=report))
+    recorder.stage_done("c")
+    assert calls == [1]
+    recorder.add("d.site", "d", SimpleNamespace(delta=small, report=report))  # counted afresh per stage
+    recorder.stage_done("d")
+    assert calls == [1]

@@ -190,6 +190,8 @@ def test_folder_contents(demo_folder):
         ("stream", "tiny-sd", lambda d: d.update(text_encoder={"target_mode": "stream", "depth": 2})),
         ("out-proj", "tiny-sd", lambda d: d.update(text_encoder={"site": "self_attn.out_proj", "depth": 1})),
         ("exact-preserve", "tiny-sd", lambda d: d["preserve"].update(mode="exact", concepts=["Claude Monet"], templates=["{}"])),
+        ("exact-preserve-window", "tiny-sd", lambda d: d["preserve"].update(
+            mode="exact", concepts=["Claude Monet"], templates=["{}"], positions="window")),
     ],
 )
 def test_variants_reach_zero_residual_through_plain_diffusers(erase_variant, name, builtin, edit):
@@ -206,10 +208,12 @@ def test_variants_reach_zero_residual_through_plain_diffusers(erase_variant, nam
         te = [s for s in manifest.outputs.sites if s.name.startswith("text_encoder")]
         assert len(te) == (2 if name == "stream" else 1)
         assert all(s.residual <= 1e-10 for s in manifest.outputs.sites)
-    if name == "exact-preserve":
-        # the target tokens + every position of "Claude Monet" in the "{}" template, all held exactly
+    if name.startswith("exact-preserve"):
+        # the target tokens + the positions of "Claude Monet" in the "{}" template, all held exactly: its own
+        # tokens (BOS, Claude, Monet, EOS), or under preserve.positions: window every position of the window
+        kept = 32 if name.endswith("window") else 4
         for site in manifest.outputs.sites:
-            assert site.n_constraints == manifest.metrics["n_constrained_tokens"] + 32
+            assert site.n_constraints == manifest.metrics["n_constrained_tokens"] + kept
             # the padding repeats itself, so the numerical rank can be below the column count
             assert site.constraint_rank <= site.n_constraints and site.residual <= manifest.solver.residual_tol
             assert site.preserve_residual <= 1e-10

@@ -119,8 +119,15 @@ def test_single_positions_for_preserve_prompts():
     rows, pos = single_positions("concept-eos", enc)
     assert pos[rows == 0].tolist() == list(range(16))  # preservation keeps every position
     assert pos[rows == 1].tolist() == list(range(16))
-    rows, pos = single_positions("eos", enc)
-    assert pos.tolist() == [enc.eos[0], enc.eos[1]]
+    rows, pos = single_positions("concept-eos", enc, padding=False)  # each prompt's own tokens, BOS to EOS
+    assert pos[rows == 0].tolist() == list(range(enc.eos[0] + 1))
+    assert pos[rows == 1].tolist() == list(range(enc.eos[1] + 1))
+    assert enc.eos[0] != enc.eos[1] and max(enc.eos) + 1 < 16
+    for padding in (True, False):  # the one token eos and last-token constrain, either way
+        rows, pos = single_positions("eos", enc, padding=padding)
+        assert pos.tolist() == [enc.eos[0], enc.eos[1]]
+        rows, pos = single_positions("last-token", enc, padding=padding)
+        assert pos.tolist() == [enc.eos[0] - 1, enc.eos[1] - 1]
 
 
 def test_concept_cut_off_by_truncation_is_an_error():

@@ -68,6 +68,11 @@ def test_summary_is_the_best_low_rank_approximation():
     best = (vectors[:, -6:] * values[-6:]) @ vectors[:, -6:].T
     assert torch.allclose((S.double() @ S.double().T), best, rtol=1e-4, atol=1e-3)
     assert preservation.summarize(torch.zeros(5, 5), rank=3).shape == (5, 0)
+    # orthogonal columns, as the solver takes them (solver.metric.Orthogonal): S^T S is diagonal to float32 rounding
+    gram = S.double().T @ S.double()
+    off = gram - torch.diag(gram.diagonal())
+    norms = gram.diagonal().sqrt()
+    assert float((off.abs() / (norms[:, None] * norms[None, :])).max()) <= 1e-6
 
 
 def _summaries(model, captions, policy="concept-eos", **kwargs):

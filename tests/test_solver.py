@@ -319,6 +319,56 @@ def test_soft_targets_and_caption_metric_against_the_kkt_solution(problem, mode)
     assert result.report.delta_norm == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["soft", "exact"])
+def test_an_orthogonal_caption_summary_gives_the_kkt_solution_of_its_metric(problem, mode):
+    """A summary with orthogonal columns (an eigenbasis scaled), declared so: its own Gram block is taken as the
+    diagonal, and the solve is the dense KKT solution of ``M = I + S Sᵀ + …`` all the same."""
+    W, X, T = problem
+    g = torch.Generator().manual_seed(5)
+    d = W.shape[1]
+    P = torch.randn(d, 9, generator=g, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(d, 20, generator=g, dtype=torch.float64))
+    S = U * torch.linspace(4.0, 0.1, 20, dtype=torch.float64)
+    V = torch.randn(d, 7, generator=g, dtype=torch.float64)
+    T_soft = torch.randn(W.shape[0], 7, generator=g, dtype=torch.float64)
+    lam, wp = 0.7, 0.3
+    fact = factorize_zero_residual(
+        X, preserve=P, preserve_mode=mode, preserve_weight=wp, soft=S, soft_orthogonal=True, soft_targets=V,
+        soft_target_weight=lam,
+    )
+    delta = solve(fact, W, T, T_soft=T_soft).delta.dense()
+    assert rel((W + delta) @ X, T) <= 1e-10
+    metric = torch.eye(d, dtype=torch.float64) + S @ S.T + lam * V @ V.T + (wp * P @ P.T if mode == "soft" else 0)
+    expected = _kkt(W, X, T, metric=metric, lam=lam, V=V, T_soft=T_soft, exact_P=P if mode == "exact" else None)
+    assert rel(delta, expected) <= 1e-9
+    # declared orthogonal, a summary that is not gives another metric: the declaration is what is used
+    skew = S + 1e-3 * S[:, :1]
+    other = factorize_zero_residual(X, preserve=P, preserve_mode=mode, preserve_weight=wp, soft=skew,
+                                    soft_orthogonal=True, soft_targets=V, soft_target_weight=lam)
+    honest = factorize_zero_residual(X, preserve=P, preserve_mode=mode, preserve_weight=wp, soft=skew,
+                                     soft_targets=V, soft_target_weight=lam)
+    assert rel(solve(other, W, T, T_soft=T_soft).delta.dense(), solve(honest, W, T, T_soft=T_soft).delta.dense()) > 1e-6
+
+
+def test_the_block_gram_is_the_gram_of_the_blocks_side_by_side():
+    from erasepro_hub.solver.metric import Orthogonal, Scaled, block_gram, gram, side_by_side
+
+    g = torch.Generator().manual_seed(6)
+    P = torch.randn(9, 40, generator=g, dtype=torch.float64).T  # a transposed view, as the preserve features come
+    U, _ = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64))
+    S = (U * torch.linspace(2.0, 0.5, 6, dtype=torch.float64)).float()
+    V = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    blocks = [Scaled(P, 0.3), Orthogonal(S), Scaled(V, 2.0)]
+    # S's own block is its diagonal: the off-diagonal entries it leaves out are those of S's float32 rounding
+    for dtype, tol in ((torch.float64, 1e-7), (torch.float32, 1e-6)):
+        G = block_gram(blocks, dtype)
+        assert G.dtype == torch.float64 and torch.equal(G, G.T)
+        expected = gram(side_by_side(blocks, torch.float64))
+        assert float((G - expected).abs().max()) <= tol * float(expected.abs().max())
+        plain = [Scaled(P, 0.3), S, Scaled(V, 2.0)]  # not declared orthogonal: the product itself
+        assert float((block_gram(plain, torch.float64) - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+
+
 def test_soft_targets_pull_towards_their_targets(problem):
     W, X, T = problem
     g = torch.Generator().manual_seed(4)

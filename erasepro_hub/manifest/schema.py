@@ -201,6 +201,9 @@ class Preserve(_Strict):
     kept in place by soft preservation (weight ``caption_weight``) on top of the concepts, so that
     unrelated prompts keep their conditioning without a preserve list; ``none`` turns it off. It
     applies to the ErasePro methods; the UCE baseline keeps its published form.
+    ``positions``: which positions of each preserve prompt are kept where the token policy keeps more
+    than one: ``prompt`` (its own tokens, BOS to end-of-text) or ``window`` (every position the UNet
+    attends to, padding included). The captions keep the whole window either way.
     """
 
     concepts: list[Text] = Field(default_factory=list, max_length=MAX_PROMPT_LIST)
@@ -211,6 +214,8 @@ class Preserve(_Strict):
     captions: CaptionSet = "default-v1"
     #: chosen by measurement (docs/defaults.md)
     caption_weight: float = Field(default=0.1, gt=0)
+    #: chosen by measurement (docs/defaults.md): the same erasure and preservation, a fraction of the solve
+    positions: Literal["prompt", "window"] = "prompt"
 
     @field_validator("concepts")
     @classmethod

@@ -125,11 +125,13 @@ def join_pairs(model: EditModel, encoded: Sequence[Encoded], positions: Mapping[
     return PairPositions(cat("t_rows"), cat("t_pos"), cat("a_rows"), cat("a_pos"))
 
 
-def joint_single_positions(model: EditModel, policy: str, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_single_positions(
+    model: EditModel, policy: str, encoded: Sequence[Encoded], *, padding: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~.prompts.single_positions` in the rows of the prompt embedding."""
     rows, pos = [], []
     for first, offset, _ in _segments(model, encoded):
-        r, p = single_positions(policy, encoded[first])
+        r, p = single_positions(policy, encoded[first], padding=padding)
         rows.append(r)
         pos.append(p + offset)
     return torch.cat(rows), torch.cat(pos)

@@ -221,6 +221,7 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
     anchors = [Prompt(text, prefix) for text, prefix in anchor_keys]
     targets = [Prompt(p.target, p.prefix) for p in pairs]
     n_exact = len(plan.pairs)
+    padding = plan.recipe.preserve.positions == "window"  # of the preserve prompts
     empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     per_encoder = []
     for te in model.text_encoders:
@@ -232,7 +233,7 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
         per_encoder.append(
             _EncoderTokens(
                 t, a, p, positions, eos, positions.t_rows >= n_exact, eos.t_rows >= n_exact,
-                single_positions(policy, p) if p is not None else empty,
+                single_positions(policy, p, padding=padding) if p is not None else empty,
                 single_positions("eos", p) if p is not None else empty,
             )
         )
@@ -258,7 +259,9 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
     final = join_pairs(model, [e.targets for e in per_encoder], {i: e.positions for i, e in enumerate(per_encoder)})
     final_weight = torch.cat([per_encoder[segment[0]].weight for segment in model.conditioning.segments])
     final_preserve = (
-        joint_single_positions(model, plan.token_policy, [e.preserve for e in per_encoder]) if plan.preserve else empty
+        joint_single_positions(model, plan.token_policy, [e.preserve for e in per_encoder], padding=padding)
+        if plan.preserve
+        else empty
     )
     return _Tokens(
         per_encoder, final, final.t_rows >= n_exact, final_weight, final_preserve, torch.tensor(anchor_rows), n_exact
@@ -342,9 +345,11 @@ class _Recorder:
         self.progress = progress
         self.keep = keep
         self.keep_seconds = 0.0  # time in ``keep``: storage, not the solve
+        self.stage_bytes = 0  # the float64 updates of the stage under way: how large its working set was
 
     def add(self, key: str, stage: str, result) -> None:
         delta = result.delta
+        self.stage_bytes += sum(t.numel() * t.element_size() for t in (delta.B, delta.A))
         if self.keep is not None:
             start = time.perf_counter()
             delta = self.keep(key, delta)
@@ -353,9 +358,17 @@ class _Recorder:
         logger.debug("%s: constraint rank %d residual %.3e", key, result.report.constraint_rank, result.report.residual)
 
     def stage_done(self, name: str) -> None:
-        _return_freed_memory()
+        if self.stage_bytes >= TRIM_BYTES:
+            _return_freed_memory()
+        self.stage_bytes = 0
         if self.progress is not None:
             self.progress(name)
+
+
+#: A stage whose float64 updates take at least this much hands the memory it freed back to the system at its end
+#: (:func:`_return_freed_memory`); its working set (metric, soft columns, temporaries) grows with its columns as
+#: they do. Below it there is little to hand back, and the trim's walk of the heap (about 2 ms) would cost more.
+TRIM_BYTES = 4 * 2**20
 
 
 @cache
@@ -409,6 +422,7 @@ def _factorize(
         preserve_mode=plan.recipe.preserve.mode,
         preserve_weight=plan.recipe.preserve.weight,
         soft=None if soft is None else soft * plan.recipe.preserve.caption_weight**0.5,
+        soft_orthogonal=True,  # an eigenbasis scaled (.preservation.summarize)
         soft_targets=soft_targets,
         soft_target_weight=plan.recipe.prompts.misspelling_weight,
         rtol=plan.recipe.solver.rank_rtol,
@@ -536,13 +550,19 @@ def _preserve_captures(
 
     Preservation keeps the inputs the preserve prompts have in the **original** model, as the caption summary
     does (:mod:`.preservation`): what should stay is what the model did before the erasure, and the preserve
-    features then do not depend on the solve, so they are read in one pass of their own (over the whole window
-    where the token policy keeps every position; cut after the last one read otherwise).
+    features then do not depend on the solve, so they are read in one pass of their own: cut after the last
+    position read (the whole window under ``preserve.positions: window``), on the prompts' prefix tree where that
+    saves work (:func:`_packed`).
     """
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    where = {False: tokens.preserve_positions, True: tokens.preserve_eos}
+    ids = _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1])
+    packed = _packed(te, ids, tokens.preserve.length, *where.values())
+    if packed is not None:  # the hooks then read the packed batch
+        where = {eos: packed.locate(*rows_pos) for eos, rows_pos in where.items()}
 
     def hook(stage: _Stage, mod, args, output):
-        rows, pos = tokens.preserve_eos if stage.eos else tokens.preserve_positions
+        rows, pos = where[stage.eos]
         bias = _bias(mod)
         plain = output - bias if bias is not None else output  # W p
         captured[stage.name] = (_gather(args[0], rows, pos).T, _gather(plain, rows, pos).T)
@@ -551,8 +571,17 @@ def _preserve_captures(
         for stage in stages:
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(hook, stage)).remove)
-        outputs = run_encoder(te, _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1]))
-    return captured, outputs
+        return captured, _run(te, ids, packed)
+
+
+def _run(te: TextEncoder, ids: torch.Tensor, packed: PackedPrompts | None) -> tuple:
+    """The encoder's ``(sequence output, pooled output)`` for ``ids``, run on their prefix tree where ``packed`` is
+    given (the sequence output then holds the positions the tree reads, zero elsewhere)."""
+    if packed is None:
+        return run_encoder(te, ids)
+    mask = packed.additive_mask(te.model.dtype)
+    embeds, pooled = run_encoder(te, packed.ids, attention_mask=mask, position_ids=packed.position_ids)
+    return packed.unpack(embeds), pooled
 
 
 @dataclass(frozen=True)
@@ -668,29 +697,31 @@ def _target_pass(
                 hooks.callback(point.register_forward_pre_hook(partial(stash_hook, stage, index)).remove)
             module = te.site_module(stage.layer, stage.site)
             hooks.callback(module.register_forward_hook(partial(solve_hook, stage)).remove)
-        if packed is None:
-            return run_encoder(te, ids)
-        mask = packed.additive_mask(te.model.dtype)
-        embeds, pooled = run_encoder(te, packed.ids, attention_mask=mask, position_ids=packed.position_ids)
-        return packed.unpack(embeds), pooled
+        return _run(te, ids, packed)
 
 
 def _target_batch(te: TextEncoder, ids: torch.Tensor, tokens: _EncoderTokens) -> tuple[torch.Tensor, PackedPrompts | None]:
     """What the target pass runs: the target ``ids`` cut after the last position read (:func:`_window`), and their
     prefix tree where :func:`_packed` uses one (else ``None``)."""
     ids = _window(te, ids, tokens.positions.t_pos, tokens.eos_positions.t_pos)
-    return ids, _packed(te, ids, tokens)
+    where = [(p.t_rows, p.t_pos) for p in (tokens.positions, tokens.eos_positions)]
+    return ids, _packed(te, ids, tokens.targets.length, *where)
 
 
-def _packed(te: TextEncoder, ids: torch.Tensor, tokens: _EncoderTokens) -> PackedPrompts | None:
-    """The target prompts as a prefix tree (:mod:`.packing`) where that is exact and saves work: a causal encoder
-    whose pooled output the solve does not read (the model computes it at the last token of each row)."""
+def _packed(
+    te: TextEncoder, ids: torch.Tensor, window: int, *where: tuple[torch.Tensor, torch.Tensor]
+) -> PackedPrompts | None:
+    """Prompts ``ids`` (cut from a ``window`` of positions) read at the ``(rows, pos)`` of ``where``, as a prefix tree
+    (:mod:`.packing`) where that is exact and saves work: a causal encoder whose pooled output the solve does not
+    read (the model computes it at the last token of each row), and rows no longer than the window (a row holds a
+    whole subtree: many prompts below one long template prefix can outgrow it, and the model reads no more)."""
     if not te.arch.causal or te.spec.pooled is not None:
         return None
     last = torch.full((ids.shape[0],), -1, dtype=torch.long)
-    for pos in (tokens.positions, tokens.eos_positions):
-        last = last.scatter_reduce(0, pos.t_rows, pos.t_pos, reduce="amax")
-    return pack_prefixes(ids, last)
+    for rows, pos in where:
+        last = last.scatter_reduce(0, rows, pos, reduce="amax")
+    packed = pack_prefixes(ids, last)
+    return packed if packed is not None and packed.ids.shape[1] <= window else None
 
 
 def pass_sizes(model: EditModel, plan: ErasurePlan) -> dict[str, int]:
@@ -771,8 +802,8 @@ def solve_erasure(
     it instead of the float64 update (the erase command keeps the form the adapter file stores, so that a
     many-site solve does not hold every float64 update to the end); the stages are solved and applied with the
     float64 updates whatever it keeps. The time spent in ``keep`` is ``timings["keep"]``, not part of the
-    solution's ``seconds``. At each stage's end the memory the stage freed is handed back to the system
-    (:func:`_return_freed_memory`).
+    solution's ``seconds``. At the end of each large stage (:data:`TRIM_BYTES`) the memory it freed is handed back
+    to the system (:func:`_return_freed_memory`).
     """
     start = time.perf_counter()
     tokens = _tokenize(model, plan)

@@ -339,11 +339,12 @@ def single_rule(policy: str) -> str:
     return policy if _known(policy) in ("eos", "last-token") else "window"
 
 
-def single_positions(policy: str, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+def single_positions(policy: str, encoded: Encoded, *, padding: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of unpaired prompts (preserve sets, captions): what soft preservation keeps in place.
 
-    Every position of the window — the UNet attends to all of them, padding included — except under
-    ``eos`` and ``last-token``, which keep the one token they constrain.
+    Every position of the window — the UNet attends to all of them, padding included — or, with
+    ``padding=False``, each prompt's own tokens (BOS to its end-of-text token); under ``eos`` and
+    ``last-token`` the one token they constrain either way.
     """
     rule = single_rule(policy)
     rows, pos = [], []
@@ -353,7 +354,7 @@ def single_positions(policy: str, encoded: Encoded) -> tuple[torch.Tensor, torch
         elif rule == "last-token":
             p = [max(e - 1, 0)]
         else:
-            p = list(range(encoded.length))
+            p = list(range(encoded.length if padding else e + 1))
         rows += [i] * len(p)
         pos += p
     return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from ..errors import CapacityError, CapacityWarning, warn
 from .delta import LowRankDelta, _is_identity
-from .metric import Block, Scaled, metric_cholesky, metric_solver, side_by_side, with_columns
+from .metric import Block, Orthogonal, Scaled, metric_cholesky, metric_solver, side_by_side, with_columns
 
 #: Relative singular-value cut-off for the numerical rank (see the module docstring).
 DEFAULT_RTOL = 1e-6
@@ -256,6 +256,7 @@ def factorize_zero_residual(
     preserve_mode: PreserveMode = "none",
     preserve_weight: float = 0.0,
     soft: Tensor | None = None,
+    soft_orthogonal: bool = False,
     soft_targets: Tensor | None = None,
     soft_target_weight: float = 1.0,
     rtol: float = DEFAULT_RTOL,
@@ -277,6 +278,8 @@ def factorize_zero_residual(
         soft: an optional ``(d, k)`` factor ``S`` of further soft preservation, its weight already
             folded in: the metric becomes ``M = I + S Sᵀ (+ λ_p P Pᵀ in soft mode)``, whatever
             ``preserve_mode`` does with ``preserve`` (a summary of a caption set, for instance).
+        soft_orthogonal: the columns of ``soft`` are orthogonal to each other (a caption summary's are: an
+            eigenbasis scaled), so that their own Gram matrix is taken as its diagonal (:class:`~.metric.Orthogonal`).
         soft_targets: ``(d, N_v)`` inputs that should nearly reach their targets (their targets come with
             each site's :func:`solve`), or ``None``.
         soft_target_weight: ``λ_v > 0``.
@@ -301,9 +304,12 @@ def factorize_zero_residual(
     if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
     # the soft metric M = I + Q Qᵀ, and the columns that must hold exactly: [X] or [X P]
-    factors = [P * preserve_weight**0.5] if preserve_mode == "soft" else []
+    # the metric's blocks stay in the features' dtype, scaled where they are put side by side (metric.Scaled)
+    factors: list = [Scaled(P, preserve_weight**0.5)] if preserve_mode == "soft" else []
     if soft is not None and soft.shape[-1]:
-        factors.append(_as_matrix("soft", soft, rows=d, finite=False))
+        wide = soft.dtype == torch.float64
+        S = _as_matrix("soft", soft, rows=d, finite=False, dtype=torch.float64 if wide else torch.float32)
+        factors.append(Orthogonal(S) if soft_orthogonal else S)
     V = None if soft_targets is None or soft_targets.shape[-1] == 0 else soft_targets
     dense_soft = V is not None and one_site and 2 * V.shape[-1] >= d
     if V is not None:

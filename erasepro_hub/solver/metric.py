@@ -32,13 +32,33 @@ class Scaled:
         return self.columns.shape
 
 
-Block = Union[Tensor, Scaled]
+@dataclass(frozen=True)
+class Orthogonal:
+    """A block whose columns are orthogonal to each other (an eigenbasis scaled, as a caption summary is,
+    :mod:`erasepro_hub.models.preservation`): its own Gram matrix is the diagonal of its squared column norms,
+    which Woodbury's ``k × k`` Gram matrix takes instead of the product (the off-diagonal entries are the
+    stored columns' rounding)."""
+
+    columns: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.columns.shape
+
+
+Block = Union[Tensor, Scaled, Orthogonal]
+
+
+def _columns(block: Block) -> tuple[Tensor, float]:
+    if isinstance(block, Scaled):
+        return block.columns, block.scale
+    return (block.columns if isinstance(block, Orthogonal) else block), 1.0
 
 
 def side_by_side(blocks: Sequence[Block], dtype: torch.dtype | None = None) -> Tensor:
     """The blocks' columns side by side, each :class:`Scaled` block times its scale (in its own dtype, then cast to
     ``dtype``: the values a scaled copy cast to ``dtype`` would have)."""
-    parts = [b.columns * b.scale if isinstance(b, Scaled) else b for b in blocks]
+    parts = [columns * scale if scale != 1.0 else columns for columns, scale in map(_columns, blocks)]
     if dtype is not None:
         parts = [part.to(dtype) for part in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -99,9 +119,43 @@ def metric_solver(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -
     if k >= d:
         L = metric_cholesky(blocks, dtype)
         return lambda Y: torch.cholesky_solve(Y, L)
-    Q = side_by_side(blocks)
-    L = cholesky_of_metric(gram(Q, dtype))  # I + Qᵀ Q
-    return lambda Y: Y - Q @ torch.cholesky_solve(Q.T @ Y, L)
+    L = cholesky_of_metric(block_gram(blocks, dtype))  # I + Qᵀ Q
+    # Q is never put together: each block, in float64, reads and writes its own rows of the k × n middle
+    parts = [(columns.to(torch.float64), scale) for columns, scale in map(_columns, blocks)]
+
+    def solve_m(Y: Tensor) -> Tensor:
+        inner = torch.cholesky_solve(torch.cat([(B.T @ Y) * scale for B, scale in parts]), L)
+        out, start = Y, 0
+        for B, scale in parts:
+            out = out - B @ (inner[start : start + B.shape[1]] * scale)
+            start += B.shape[1]
+        return out
+
+    return solve_m
+
+
+def block_gram(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Qᵀ Q`` (float64, exactly symmetric) for ``Q`` the ``blocks`` side by side, block by block: no copy of ``Q``
+    (its blocks come as views, the preserve features transposed), each block cast to ``dtype`` once, each
+    off-diagonal block computed once, an :class:`Orthogonal` block's own one its squared column norms."""
+    parts = [(columns.to(dtype), scale, isinstance(b, Orthogonal)) for b, (columns, scale) in zip(blocks, map(_columns, blocks))]
+    sizes = [columns.shape[1] for columns, _, _ in parts]
+    k = sum(sizes)
+    G = torch.empty(k, k, dtype=torch.float64, device=parts[0][0].device)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for i, (Bi, si, orthogonal) in enumerate(parts):
+        rows = slice(starts[i], starts[i] + sizes[i])
+        if orthogonal:
+            G[rows, rows] = torch.diag(Bi.double().square().sum(0) * si**2)
+        else:
+            G[rows, rows] = gram(Bi, dtype) * si**2
+        for j in range(i + 1, len(parts)):
+            Bj, sj, _ = parts[j]
+            cols = slice(starts[j], starts[j] + sizes[j])
+            corner = (Bi.T @ Bj).double() * (si * sj)
+            G[rows, cols] = corner
+            G[cols, rows] = corner.T
+    return G
 
 
 def with_columns(
