@@ -54,6 +54,7 @@ COMPARE_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro-kv,erasepro 
 	--variant preserve-none:preserve.mode=none,preserve.captions=none \
 	--variant preserve-weight-1:preserve.weight=1.0 \
 	--variant preserve-window:preserve.positions=window \
+	--variant captions-none-prompt:preserve.captions=none,preserve.positions=prompt \
 	--variant no-misspellings:prompts.misspellings=false \
 	--variant misspelling-weight-0.03:prompts.misspelling_weight=0.03 \
 	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
@@ -72,6 +73,7 @@ VALIDATION_VARIANTS := --methods none,uce,uce-erasepro-tokens,erasepro \
 	--variant first-layer-0:text_encoder.first_layer=0 --variant first-layer-2:text_encoder.first_layer=2 \
 	--variant captions-none:preserve.captions=none \
 	--variant preserve-window:preserve.positions=window \
+	--variant captions-none-prompt:preserve.captions=none,preserve.positions=prompt \
 	--variant no-misspellings:prompts.misspellings=false \
 	--variant misspelling-weight-1:prompts.misspelling_weight=1.0 \
 	--variant own-templates:prompts.kind=null \

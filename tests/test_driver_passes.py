@@ -198,3 +198,15 @@ def test_only_a_stage_with_large_updates_hands_memory_back(monkeypatch):
     recorder.add("d.site", "d", SimpleNamespace(delta=small, report=report))  # counted afresh per stage
     recorder.stage_done("d")
     assert calls == [1]
+
+
+def test_auto_keeps_the_preserve_padding_only_where_no_caption_summary_keeps_the_window():
+    from erasepro_hub.models.progressive import _preserve_padding
+
+    assert _DEMO.preserve.positions == "auto" and _DEMO.preserve.captions != "none"
+    assert not _preserve_padding(plan_from_recipe(_DEMO))
+    assert _preserve_padding(plan_from_recipe(_preserving("auto", captions="none")))
+    assert _preserve_padding(plan_from_recipe(_DEMO.model_copy(update={"method": "uce"})))  # no caption set
+    for captions in ("default-v1", "none"):
+        assert not _preserve_padding(plan_from_recipe(_preserving("prompt", captions=captions)))
+        assert _preserve_padding(plan_from_recipe(_preserving("window", captions=captions)))

@@ -202,8 +202,9 @@ class Preserve(_Strict):
     unrelated prompts keep their conditioning without a preserve list; ``none`` turns it off. It
     applies to the ErasePro methods; the UCE baseline keeps its published form.
     ``positions``: which positions of each preserve prompt are kept where the token policy keeps more
-    than one: ``prompt`` (its own tokens, BOS to end-of-text) or ``window`` (every position the UNet
-    attends to, padding included). The captions keep the whole window either way.
+    than one: ``prompt`` (its own tokens, BOS to end-of-text), ``window`` (every position the UNet
+    attends to, padding included), or ``auto``: ``prompt`` where the caption set is kept (its summary
+    covers the whole window), ``window`` where it is not (``captions: none``, the UCE baseline).
     """
 
     concepts: list[Text] = Field(default_factory=list, max_length=MAX_PROMPT_LIST)
@@ -215,7 +216,7 @@ class Preserve(_Strict):
     #: chosen by measurement (docs/defaults.md)
     caption_weight: float = Field(default=0.1, gt=0)
     #: chosen by measurement (docs/defaults.md): the same erasure and preservation, a fraction of the solve
-    positions: Literal["prompt", "window"] = "prompt"
+    positions: Literal["auto", "prompt", "window"] = "auto"
 
     @field_validator("concepts")
     @classmethod

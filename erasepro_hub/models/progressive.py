@@ -221,7 +221,7 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
     anchors = [Prompt(text, prefix) for text, prefix in anchor_keys]
     targets = [Prompt(p.target, p.prefix) for p in pairs]
     n_exact = len(plan.pairs)
-    padding = plan.recipe.preserve.positions == "window"  # of the preserve prompts
+    padding = _preserve_padding(plan)
     empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     per_encoder = []
     for te in model.text_encoders:
@@ -266,6 +266,13 @@ def _tokenize(model: EditModel, plan: ErasurePlan) -> _Tokens:
     return _Tokens(
         per_encoder, final, final.t_rows >= n_exact, final_weight, final_preserve, torch.tensor(anchor_rows), n_exact
     )
+
+
+def _preserve_padding(plan: ErasurePlan) -> bool:
+    """Whether the preserve prompts are kept at their padding too (``preserve.positions``): under ``auto`` where no
+    caption summary keeps the window in place."""
+    positions = plan.recipe.preserve.positions
+    return positions == "window" or (positions == "auto" and not plan.captions)
 
 
 def _select(positions: PairPositions, keep: torch.Tensor) -> PairPositions:

@@ -307,8 +307,8 @@ def factorize_zero_residual(
     # the metric's blocks stay in the features' dtype, scaled where they are put side by side (metric.Scaled)
     factors: list = [Scaled(P, preserve_weight**0.5)] if preserve_mode == "soft" else []
     if soft is not None and soft.shape[-1]:
-        wide = soft.dtype == torch.float64
-        S = _as_matrix("soft", soft, rows=d, finite=False, dtype=torch.float64 if wide else torch.float32)
+        dtype = torch.float64 if soft.dtype == torch.float64 else torch.float32
+        S = _as_matrix("soft", soft, rows=d, finite=False, dtype=dtype)
         factors.append(Orthogonal(S) if soft_orthogonal else S)
     V = None if soft_targets is None or soft_targets.shape[-1] == 0 else soft_targets
     dense_soft = V is not None and one_site and 2 * V.shape[-1] >= d

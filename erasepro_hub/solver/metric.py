@@ -2,7 +2,9 @@
 
 ``Q`` holds the metric's columns — preserve features (weighted), a caption summary, soft targets — in
 blocks. While they are fewer than the input width ``d``, Woodbury needs only the ``k × k`` Gram matrix
-``QᵀQ``; otherwise the ``d × d`` matrix ``M`` is formed and factorised. Soft targets can be added on top of
+``QᵀQ``, formed and applied block by block (:func:`block_gram`; a caption summary's own block is the
+diagonal of its orthogonal columns, :class:`Orthogonal`); otherwise the ``d × d`` matrix ``M`` is formed and
+factorised. Soft targets can be added on top of
 an existing metric (:func:`with_columns`) so that two small Gram matrices are formed instead of one wide one.
 The Gram matrices are taken in float32 when every feature came in float32 (:func:`gram`); the constraints
 of a solve do not depend on ``M`` (only the preservation weighting does), so they stay exact.
@@ -22,7 +24,7 @@ class Scaled:
     """A block of the metric's columns, ``scale · columns``: scaled only where the blocks are put side by side
     (:func:`side_by_side`). Where the metric is the ``d × d`` Cholesky (columns as many as the input is wide: the
     thousands of soft targets of a many-concept solve) that copy lives only while the Gram matrix is formed;
-    Woodbury's narrower ``Q`` is kept for the solves, scaled."""
+    Woodbury applies the scale to its ``k``-row products instead (:func:`metric_solver`)."""
 
     columns: Tensor
     scale: float
@@ -138,7 +140,8 @@ def block_gram(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> T
     """``Qᵀ Q`` (float64, exactly symmetric) for ``Q`` the ``blocks`` side by side, block by block: no copy of ``Q``
     (its blocks come as views, the preserve features transposed), each block cast to ``dtype`` once, each
     off-diagonal block computed once, an :class:`Orthogonal` block's own one its squared column norms."""
-    parts = [(columns.to(dtype), scale, isinstance(b, Orthogonal)) for b, (columns, scale) in zip(blocks, map(_columns, blocks))]
+    parts = [(*_columns(b), isinstance(b, Orthogonal)) for b in blocks]
+    parts = [(columns.to(dtype), scale, orthogonal) for columns, scale, orthogonal in parts]
     sizes = [columns.shape[1] for columns, _, _ in parts]
     k = sum(sizes)
     G = torch.empty(k, k, dtype=torch.float64, device=parts[0][0].device)
