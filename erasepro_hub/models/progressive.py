@@ -374,7 +374,7 @@ class _Recorder:
 
 #: A stage whose float64 updates take at least this much hands the memory it freed back to the system at its end
 #: (:func:`_return_freed_memory`); its working set (metric, soft columns, temporaries) grows with its columns as
-#: they do. Below it there is little to hand back, and the trim's walk of the heap (about 2 ms) would cost more.
+#: they do. Below it there is little to hand back, and the trim walks the whole heap on every call.
 TRIM_BYTES = 4 * 2**20
 
 
