@@ -564,7 +564,9 @@ def _preserve_captures(
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     where = {False: tokens.preserve_positions, True: tokens.preserve_eos}
     ids = _window(te, ids, tokens.preserve_positions[1], tokens.preserve_eos[1])
-    packed = _packed(te, ids, tokens.preserve.length, *where.values())
+    # an uncut pass is rectangular: its whole window is what the metrics reuse (solve_erasure's ``kept``)
+    cut = ids.shape[1] < tokens.preserve.length
+    packed = _packed(te, ids, tokens.preserve.length, *where.values()) if cut else None
     if packed is not None:  # the hooks then read the packed batch
         where = {eos: packed.locate(*rows_pos) for eos, rows_pos in where.items()}
 
