@@ -30,7 +30,8 @@ from .errors import ManifestError, warn
 from .manifest import Recipe, load_manifest, recipe_sha256, to_data
 from .recipe import prompt_templates
 
-#: Sections (or fields) that must be equal in every source.
+#: Sections (or fields) that must be equal in every source; every other field of ``prompts`` and
+#: ``preserve`` is merged in :func:`combined_recipe` (the tests hold the two lists to the schema).
 SHARED = (
     "base_model",
     "method",
@@ -42,6 +43,7 @@ SHARED = (
     "preserve.weight",
     "preserve.captions",
     "preserve.caption_weight",
+    "preserve.positions",
     "prompts.misspellings",
     "prompts.misspelling_weight",
 )

@@ -9,9 +9,9 @@ from helpers import kv
 
 from conftest import DEMO
 from erasepro_hub import load_erasure
-from erasepro_hub.combine import combined_recipe
+from erasepro_hub.combine import SHARED, combined_recipe
 from erasepro_hub.errors import ManifestError
-from erasepro_hub.manifest import load_manifest, recipe_sha256
+from erasepro_hub.manifest import Preserve, Prompts, load_manifest, recipe_sha256
 from erasepro_hub.models.loading import load_builtin
 from erasepro_hub.models.prompts import Prompt, encode, pair_positions
 from erasepro_hub.recipe import training_pairs
@@ -40,10 +40,23 @@ def test_sources_that_would_solve_differently_are_refused(tmp_path):
     other = second_manifest(tmp_path, method="uce")
     with pytest.raises(ManifestError, match="method"):
         combined_recipe([DEMO, other])
+    other = second_manifest(tmp_path, preserve={"concepts": ["a photo of a cat"], "positions": "window"})
+    with pytest.raises(ManifestError, match="preserve.positions"):
+        combined_recipe([DEMO, other])
     with pytest.raises(ManifestError, match="at least two"):
         combined_recipe([DEMO])
     with pytest.raises(ManifestError, match="more than one source"):
         combined_recipe([DEMO, DEMO])
+
+
+@pytest.mark.parametrize(("section", "model", "merged"), [
+    ("preserve", Preserve, {"concepts", "templates"}),
+    ("prompts", Prompts, {"templates", "kind", "bank_size"}),
+])
+def test_every_setting_is_either_shared_or_merged(section, model, merged):
+    shared = {field.split(".", 1)[1] for field in SHARED if field.startswith(section + ".")}
+    assert not shared & merged
+    assert shared | merged == set(model.model_fields), "a new setting must be added to SHARED or merged"
 
 
 def _residual_of(folder, concept, edited, original):

@@ -16,6 +16,7 @@ from erasepro_hub.manifest import load_manifest
 from erasepro_hub.metrics.features import feature_metrics
 from erasepro_hub.models.base import prompt_embeddings
 from erasepro_hub.models.progressive import solve_erasure
+from erasepro_hub.models.packing import pack_prefixes
 from erasepro_hub.models.prompts import encode
 from erasepro_hub.recipe import drift_prompts, heldout_pairs, plan_from_recipe, training_pairs
 
@@ -210,3 +211,22 @@ def test_auto_keeps_the_preserve_padding_only_where_no_caption_summary_keeps_the
     for captions in ("default-v1", "none"):
         assert not _preserve_padding(plan_from_recipe(_preserving("prompt", captions=captions)))
         assert _preserve_padding(plan_from_recipe(_preserving("window", captions=captions)))
+
+
+def test_a_preserve_prompt_that_reaches_the_window_end_leaves_whole_embeddings_to_reuse():
+    """One preserve prompt reaches the window's end, the others are short: the pass is not cut, so it runs
+    rectangular and every prompt's whole window is what the metrics reuse (a prefix-tree pass would hold only
+    the positions it reads)."""
+    base = _base()
+    te = base.model.text_encoders[0]
+    long = " ".join(["quiet harbour"] * te.tokenizer.model_max_length)  # its own subtree: no shared word
+    recipe = _preserving("auto", concepts=[*_DEMO.preserve.concepts, "a photo of a dog", long], templates=["{}"])
+    plan = plan_from_recipe(recipe)
+    enc = encode(te.tokenizer, plan.preserve)
+    assert max(enc.eos) == enc.length - 1 and min(enc.eos) < enc.length // 2
+    assert pack_prefixes(enc.ids, torch.tensor(enc.eos)) is not None  # a prefix tree would pack this pass
+    solution = solve_erasure(base.model, plan)
+    assert set(solution.original_embeddings) == {p.text for p in plan.preserve}
+    original, _ = prompt_embeddings(base.model, [enc.ids])
+    for i, prompt in enumerate(plan.preserve):
+        assert torch.allclose(solution.original_embeddings[prompt.text], original[i], atol=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import AdapterFormatError, UnsafePathError, VerificationError
 from ..layout import MANIFEST_FILE
-from ..manifest import Manifest, canonical_json, load_manifest, recipe_sha256, to_data
+from ..manifest import Manifest, canonical_json, earlier_forms, load_manifest, recipe_sha256s, to_data
 from .lora import AdapterFile, file_sha256, read_adapter
 
 
@@ -38,13 +38,18 @@ def manifest_sha256(manifest: Manifest) -> str:
     The adapter's own entry of ``outputs.files`` is left out (the file holds this hash); every other
     file of the folder is covered through its recorded sha256.
     """
+    return manifest_sha256s(manifest)[0]
+
+
+def manifest_sha256s(manifest: Manifest) -> list[str]:
+    """:func:`manifest_sha256`, then the hash each earlier tool took of the same manifest."""
     data = to_data(manifest)
     data.pop("provenance", None)
     outputs = data.get("outputs") or {}
     files = dict(outputs.get("files") or {})
     files.pop(outputs.get("adapter_file"), None)
     data["outputs"] = {**outputs, "files": files}
-    return hashlib.sha256(canonical_json(data)).hexdigest()
+    return [hashlib.sha256(canonical_json(form)).hexdigest() for form in earlier_forms(data)]
 
 
 def recorded_sites(manifest: Manifest) -> set[str]:
@@ -86,8 +91,8 @@ def open_folder(path: str | Path) -> ErasureFolder:
         raise AdapterFormatError(f"{path / MANIFEST_FILE}: outputs.files does not list the adapter {adapter_name}")
     adapter = read_adapter(path / adapter_name)
     recorded = manifest.outputs.recipe_sha256
-    current = recipe_sha256(manifest)
-    if current != recorded:
+    current, *earlier = recipe_sha256s(manifest)
+    if recorded != current and recorded not in earlier:
         raise VerificationError(
             f"{path / MANIFEST_FILE} was edited after the erasure was made: its recipe hashes to "
             f"{current[:16]}…, outputs.recipe_sha256 says {recorded[:16]}…"
@@ -97,8 +102,8 @@ def open_folder(path: str | Path) -> ErasureFolder:
             f"{path / adapter_name} was made from another recipe: its header says "
             f"{(adapter.recipe_sha256 or 'nothing')[:16]}…, the manifest {recorded[:16]}…"
         )
-    whole = manifest_sha256(manifest)
-    if adapter.manifest_sha256 != whole:
+    whole, *earlier = manifest_sha256s(manifest)
+    if adapter.manifest_sha256 != whole and adapter.manifest_sha256 not in earlier:
         raise VerificationError(
             f"{path / MANIFEST_FILE} does not match the adapter it describes: outputs or metrics were edited "
             f"(the manifest hashes to {whole[:16]}…, the adapter's header records "

@@ -1,6 +1,15 @@
 """Manifests: the pydantic schema (frozen, ``extra="forbid"``), canonical YAML and a stable hash."""
 
-from .io import canonical_json, dump_yaml, load_manifest, parse_manifest, recipe_sha256, to_data
+from .io import (
+    canonical_json,
+    dump_yaml,
+    earlier_forms,
+    load_manifest,
+    parse_manifest,
+    recipe_sha256,
+    recipe_sha256s,
+    to_data,
+)
 from .schema import (
     SCHEMA_VERSION,
     AdapterSettings,
@@ -37,8 +46,10 @@ __all__ = [
     "UCESettings",
     "canonical_json",
     "dump_yaml",
+    "earlier_forms",
     "load_manifest",
     "parse_manifest",
     "recipe_sha256",
+    "recipe_sha256s",
     "to_data",
 ]

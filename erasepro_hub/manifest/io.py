@@ -11,6 +11,11 @@
   block style, UTF-8; the same manifest always gives the same bytes.
 * :func:`recipe_sha256` hashes the recipe half as canonical JSON (sorted keys),
   so a manifest and the recipe it was made from hash alike.
+* A manifest the tool wrote (it has ``outputs``) spells out every setting its tool knew. A setting
+  added later is missing from it and means what the tool did before the setting existed, not the
+  new default: :data:`SETTINGS_ADDED` holds that value, so an older folder opens and regenerates
+  the erasure it holds. Its hashes were taken without those settings: :func:`earlier_forms` gives
+  the data as each earlier tool wrote it, and a recorded hash matches if it hashes any of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -26,6 +32,39 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ManifestError
 from .limits import MAX_MANIFEST_BYTES, MAX_YAML_DEPTH
 from .schema import Manifest, Recipe
+
+
+#: settings added to schema 1 after folders were published: (section, key) -> the behaviour before it
+SETTINGS_ADDED: dict[tuple[str, str], Any] = {
+    ("uce", "tokens"): "erasepro",  # UCE edited ErasePro's tokens
+    ("preserve", "positions"): "window",  # preserve prompts were kept at every window position
+}
+
+
+def _settings_before(data: dict) -> dict:
+    """A tool-written manifest with the settings it predates filled in as their earlier behaviour."""
+    if not isinstance(data.get("outputs"), dict):
+        return data  # a recipe a person wrote: what it leaves out takes the default
+    data = dict(data)
+    for (section, key), value in SETTINGS_ADDED.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section] = {**data[section], key: value}
+    return data
+
+
+def earlier_forms(data: dict) -> Iterator[dict]:
+    """``data`` (:func:`to_data` of a recipe or manifest), then as each earlier tool would have written it.
+
+    The settings are taken out newest first, and only while each holds the behaviour before it existed;
+    a setting at another value could not have been written by the earlier tool, so the forms end there.
+    """
+    yield data
+    for (section, key), before in reversed(SETTINGS_ADDED.items()):
+        held = data.get(section)
+        if not isinstance(held, dict) or key not in held or held[key] != before:
+            return
+        data = {**data, section: {k: v for k, v in held.items() if k != key}}
+        yield data
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -168,7 +207,7 @@ def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
             problems=[("(top level)", "must be a mapping")],
         )
     try:
-        return Manifest.model_validate(data)
+        return Manifest.model_validate(_settings_before(data))
     except ValidationError as exc:
         raise format_validation_error(exc, Manifest, source) from None
 
@@ -214,6 +253,11 @@ def canonical_json(data: Any) -> bytes:
 
 def recipe_sha256(recipe: Recipe) -> str:
     """The stable content hash of a recipe (a :class:`Manifest` is reduced to its recipe first)."""
+    return recipe_sha256s(recipe)[0]
+
+
+def recipe_sha256s(recipe: Recipe) -> list[str]:
+    """:func:`recipe_sha256`, then the hash each earlier tool took of the same recipe (:func:`earlier_forms`)."""
     if isinstance(recipe, Manifest):
         recipe = recipe.recipe()
-    return hashlib.sha256(canonical_json(to_data(recipe))).hexdigest()
+    return [hashlib.sha256(canonical_json(form)).hexdigest() for form in earlier_forms(to_data(recipe))]
