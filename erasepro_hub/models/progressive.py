@@ -428,7 +428,8 @@ def _factorize(
         preserve=P,
         preserve_mode=plan.recipe.preserve.mode,
         preserve_weight=plan.recipe.preserve.weight,
-        soft=None if soft is None else soft * plan.recipe.preserve.caption_weight**0.5,
+        soft=soft,
+        soft_weight=plan.recipe.preserve.caption_weight,
         soft_orthogonal=True,  # an eigenbasis scaled (.preservation.summarize)
         soft_targets=soft_targets,
         soft_target_weight=plan.recipe.prompts.misspelling_weight,

@@ -145,31 +145,54 @@ def _eos_id(tokenizer) -> int:
 
 
 def encode(tokenizer, prompts: Sequence[Prompt], *, length: int | None = None) -> Encoded:
-    """Tokenise like the diffusers pipelines do: pad to ``length`` (default: ``model_max_length``), truncate."""
+    """Tokenise like the diffusers pipelines do: pad to ``length`` (default: ``model_max_length``), truncate.
+
+    The prompts are tokenised once, untruncated; only those longer than the window are tokenised again with the
+    tokenizer's own truncation, and the padding (``pad_token_id``, on the tokenizer's ``padding_side``) is added
+    here: the tokenizer's padded call costs several times more, and a few hundred captions are encoded per solve.
+    """
     length = int(length or tokenizer.model_max_length)
     texts = [p.text for p in prompts]
-    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     full = tokenizer(texts, truncation=False).input_ids if texts else []
+    ids = _padded(tokenizer, texts, full, length)
     eos_id = _eos_id(tokenizer)
-    eos = []
-    for row, text in zip(ids, texts):
-        hits = (row == eos_id).nonzero()
-        if hits.numel() == 0:  # pragma: no cover - CLIP and BERT tokenizers always end with EOS
-            raise PromptError(f"prompt {text!r} has no end-of-text token after tokenisation")
-        eos.append(int(hits[0]))
+    hits = ids == eos_id
+    missing = (~hits.any(dim=1)).nonzero()
+    if missing.numel():  # pragma: no cover - CLIP, BERT and T5 tokenizers always end with EOS
+        raise PromptError(f"prompt {texts[int(missing[0])]!r} has no end-of-text token after tokenisation")
+    eos = tuple(hits.to(torch.int8).argmax(dim=1).tolist())  # the first end-of-text token of each row
+    prefixes = list(dict.fromkeys(p.prefix for p in prompts if p.prefix is not None))
+    prefix_len = dict(zip(prefixes, (len(t) - 1 for t in tokenizer(prefixes, truncation=False).input_ids))) if prefixes else {}
     starts: list[int | None] = []
     for prompt, tokens in zip(prompts, full):
         if prompt.prefix is None:
             starts.append(None)
             continue
-        k = len(tokenizer(prompt.prefix, truncation=False).input_ids) - 1
+        k = prefix_len[prompt.prefix]
         if k >= length - 1 and prompt.text.strip() != prompt.prefix.strip():
             raise PromptError(
                 f"prompt {prompt.text!r} is longer than the tokenizer's {length} tokens and its concept was cut "
                 "off; shorten the template"
             )
         starts.append(min(k, len(tokens) - 1))
-    return Encoded(ids, tuple(tuple(t) for t in full), tuple(eos), tuple(starts))
+    return Encoded(ids, tuple(tuple(t) for t in full), eos, tuple(starts))
+
+
+def _padded(tokenizer, texts: list[str], full: list[list[int]], length: int) -> torch.Tensor:
+    """``(len(texts), length)`` ids as ``tokenizer(texts, padding="max_length", max_length=length, truncation=True)``
+    gives them, from the untruncated ids ``full``."""
+    pad = tokenizer.pad_token_id
+    if pad is None:  # the tokenizer's own call names the problem
+        return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    rows = list(full)
+    long = [i for i, tokens in enumerate(rows) if len(tokens) > length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], max_length=length, truncation=True).input_ids
+        for i, tokens in zip(long, cut):
+            rows[i] = tokens
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    rows = [[pad] * (length - len(r)) + r if left else r + [pad] * (length - len(r)) for r in rows]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
 
 
 # ----------------------------------------------------------------------------- the alignment

@@ -256,6 +256,7 @@ def factorize_zero_residual(
     preserve_mode: PreserveMode = "none",
     preserve_weight: float = 0.0,
     soft: Tensor | None = None,
+    soft_weight: float = 1.0,
     soft_orthogonal: bool = False,
     soft_targets: Tensor | None = None,
     soft_target_weight: float = 1.0,
@@ -275,9 +276,10 @@ def factorize_zero_residual(
         preserve: ``(d, M)`` inputs whose outputs should not change (``None`` for none).
         preserve_mode: ``"none"``, ``"soft"`` (weight ``preserve_weight``) or ``"exact"``.
         preserve_weight: ``λ_p`` of the soft mode (``0`` recovers the plain solve).
-        soft: an optional ``(d, k)`` factor ``S`` of further soft preservation, its weight already
-            folded in: the metric becomes ``M = I + S Sᵀ (+ λ_p P Pᵀ in soft mode)``, whatever
-            ``preserve_mode`` does with ``preserve`` (a summary of a caption set, for instance).
+        soft: an optional ``(d, k)`` factor ``S`` of further soft preservation: the metric becomes
+            ``M = I + λ_s S Sᵀ (+ λ_p P Pᵀ in soft mode)``, whatever ``preserve_mode`` does with ``preserve``
+            (a summary of a caption set, for instance).
+        soft_weight: ``λ_s ≥ 0``, applied where ``S`` is multiplied (no scaled copy of ``S``).
         soft_orthogonal: the columns of ``soft`` are orthogonal to each other (a caption summary's are: an
             eigenbasis scaled), so that their own Gram matrix is taken as its diagonal (:class:`~.metric.Orthogonal`).
         soft_targets: ``(d, N_v)`` inputs that should nearly reach their targets (their targets come with
@@ -296,20 +298,21 @@ def factorize_zero_residual(
     d, n = X.shape
     if preserve_mode not in ("none", "soft", "exact"):
         raise ValueError(f"preserve_mode must be 'none', 'soft' or 'exact', got {preserve_mode!r}")
-    if rtol <= 0 or ridge < 0 or preserve_weight < 0:
-        raise ValueError("rtol must be > 0; ridge and preserve_weight must be >= 0")
+    if rtol <= 0 or ridge < 0 or preserve_weight < 0 or soft_weight < 0:
+        raise ValueError("rtol must be > 0; ridge, preserve_weight and soft_weight must be >= 0")
     # preserve features that only enter the metric are checked through its Gram matrix (metric.metric_solver)
     in_metric = preserve_mode == "soft" and preserve_weight > 0
     P = None if preserve is None or preserve.shape[-1] == 0 else _as_matrix("preserve", preserve, rows=d, finite=not in_metric)
     if P is None or (preserve_mode == "soft" and preserve_weight == 0):
         preserve_mode = "none"
     # the soft metric M = I + Q Qᵀ, and the columns that must hold exactly: [X] or [X P]
-    # the metric's blocks stay in the features' dtype, scaled where they are put side by side (metric.Scaled)
-    factors: list = [Scaled(P, preserve_weight**0.5)] if preserve_mode == "soft" else []
-    if soft is not None and soft.shape[-1]:
+    # the metric's blocks (P in float64, S in its own float32 or float64) carry their weights as scales, applied
+    # where a block is multiplied (metric.Scaled, metric.Orthogonal); the Gram products are taken in gram_dtype
+    factors: list[Block] = [Scaled(P, preserve_weight**0.5)] if preserve_mode == "soft" else []
+    if soft is not None and soft.shape[-1] and soft_weight > 0:
         dtype = torch.float64 if soft.dtype == torch.float64 else torch.float32
         S = _as_matrix("soft", soft, rows=d, finite=False, dtype=dtype)
-        factors.append(Orthogonal(S) if soft_orthogonal else S)
+        factors.append((Orthogonal if soft_orthogonal else Scaled)(S, soft_weight**0.5))
     V = None if soft_targets is None or soft_targets.shape[-1] == 0 else soft_targets
     dense_soft = V is not None and one_site and 2 * V.shape[-1] >= d
     if V is not None:
@@ -721,19 +724,26 @@ def _each_site(
     # to the preserve inputs; "already met" (no exact part stored) is decided as solve decides it, per site
     miss = (Y - fact.X) - base.B @ (base.A @ fact.X) if base.rank else Y - fact.X
     AP = base.A @ fact.P if fact.P is not None and base.rank else None
-    P32 = fact.P.to(torch.float32) if fact.P is not None else None
-    gram = base.A @ base.A.T if base.rank and base.rank <= d and not _is_identity(base.B) else None
+    PT32 = fact.P.T.to(torch.float32).contiguous() if fact.P is not None else None
+    factored = base.rank and base.rank <= d and not _is_identity(base.B)
+    gram = base.A @ base.A.T if factored else None
     n = Y.shape[1]
+    # every site's products in one: W Y, what the site still misses, its exact residual, and W B_I (its update's
+    # left factor) where the shared update is factored; taken as (Rᵀ Wᵀ)ᵀ, the faster way round for a skinny R
+    right = torch.cat([Y, miss, R_exact, *([base.B] if factored else [])], dim=1).T.contiguous()
+    buffer = torch.empty(0, dtype=torch.float64, device=Y.device)  # W in float64, one allocation for every site
     for key, weight in weights.items():
         if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != d:
             raise ValueError(f"{key}: W{tuple(getattr(weight, 'shape', ()))} does not read inputs of width {d}")
-        W = weight.detach().to(torch.float64)
-        m = W.shape[0]
-        products = W @ torch.cat([Y, miss, R_exact], dim=1)  # W Y, what the site still misses, its exact residual
+        m = weight.shape[0]
+        if buffer.numel() < m * d:
+            buffer = torch.empty(m * d, dtype=torch.float64, device=Y.device)
+        W = buffer[: m * d].view(m, d).copy_(weight.detach())
+        products = (right @ W.T).T
         if not torch.isfinite(products).all():
             raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
         t_norm = float(torch.linalg.matrix_norm(products[:, :n]))
-        met = fact.exact and float(torch.linalg.matrix_norm(products[:, 2 * n :])) <= residual_tol * t_norm
+        met = fact.exact and float(torch.linalg.matrix_norm(products[:, 2 * n : 3 * n])) <= residual_tol * t_norm
         if met != shared_met:  # this site's W decides "already met" the other way: solve it on its own
             yield key, solve(
                 fact, weight, W @ Y, T_soft=W @ Y_soft if soft is not None else None, strict=strict,
@@ -741,7 +751,7 @@ def _each_site(
             )
             continue
         delta_norm = 0.0
-        B = W @ base.B if base.rank else None
+        B = (products[:, 3 * n :].contiguous() if factored else W @ base.B) if base.rank else None
         if B is None or not torch.any(B):  # nothing to change at this site: the zero update, rank 0
             delta, B = LowRankDelta.zeros(m, d), None
         elif base.rank > min(m, d):
@@ -753,7 +763,7 @@ def _each_site(
         residual = miss_norm / t_norm if t_norm > 0 else miss_norm
         preserve_residual = None
         if fact.P is not None:  # ||W P|| in the features' float32, as the stage computed W P
-            wp = float(torch.linalg.matrix_norm((weight.detach().to(torch.float32) @ P32).double()))
+            wp = float(torch.linalg.matrix_norm((PT32 @ weight.detach().to(torch.float32).T).double()))
             dp = float(torch.linalg.matrix_norm(B @ AP)) if B is not None else 0.0
             preserve_residual = dp / wp if wp > 0 else dp
         report = _report(

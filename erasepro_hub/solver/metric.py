@@ -36,12 +36,13 @@ class Scaled:
 
 @dataclass(frozen=True)
 class Orthogonal:
-    """A block whose columns are orthogonal to each other (an eigenbasis scaled, as a caption summary is,
-    :mod:`erasepro_hub.models.preservation`): its own Gram matrix is the diagonal of its squared column norms,
-    which Woodbury's ``k × k`` Gram matrix takes instead of the product (the off-diagonal entries are the
+    """A block ``scale · columns`` whose columns are orthogonal to each other (an eigenbasis scaled, as a caption
+    summary is, :mod:`erasepro_hub.models.preservation`): its own Gram matrix is the diagonal of its squared column
+    norms, which Woodbury's ``k × k`` Gram matrix takes instead of the product (the off-diagonal entries are the
     stored columns' rounding)."""
 
     columns: Tensor
+    scale: float = 1.0
 
     @property
     def shape(self) -> torch.Size:
@@ -52,9 +53,10 @@ Block = Union[Tensor, Scaled, Orthogonal]
 
 
 def _columns(block: Block) -> tuple[Tensor, float]:
-    if isinstance(block, Scaled):
+    """A block's ``(columns, scale)``: ``d × k`` and a float."""
+    if isinstance(block, (Scaled, Orthogonal)):
         return block.columns, block.scale
-    return (block.columns if isinstance(block, Orthogonal) else block), 1.0
+    return block, 1.0
 
 
 def side_by_side(blocks: Sequence[Block], dtype: torch.dtype | None = None) -> Tensor:
@@ -122,16 +124,21 @@ def metric_solver(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -
         L = metric_cholesky(blocks, dtype)
         return lambda Y: torch.cholesky_solve(Y, L)
     L = cholesky_of_metric(block_gram(blocks, dtype))  # I + Qᵀ Q
-    # Q is never put together: each block, in float64, reads and writes its own rows of the k × n middle
+    # Q is never put together: each block, in float64, reads and writes its own rows of the k × n middle (float32
+    # products here would leave the constraints to the refinement of solve: the update is Y less a near copy of it)
     parts = [(columns.to(torch.float64), scale) for columns, scale in map(_columns, blocks)]
 
     def solve_m(Y: Tensor) -> Tensor:
-        inner = torch.cholesky_solve(torch.cat([(B.T @ Y) * scale for B, scale in parts]), L)
-        out, start = Y, 0
+        # skinny products are taken with the narrow operand on the left, as (Yᵀ B)ᵀ and (innerᵀ Bᵀ)ᵀ: BLAS runs
+        # them several times faster that way round than as Bᵀ Y and B inner
+        YT = Y.T.contiguous()
+        inner = torch.cholesky_solve(torch.cat([(YT @ B).T * scale for B, scale in parts]), L)
+        start, low_rank = 0, None  # Q (I + QᵀQ)⁻¹ Qᵀ Y, transposed
         for B, scale in parts:
-            out = out - B @ (inner[start : start + B.shape[1]] * scale)
+            rows = inner[start : start + B.shape[1]] * scale
+            low_rank = rows.T @ B.T if low_rank is None else low_rank.addmm_(rows.T, B.T)
             start += B.shape[1]
-        return out
+        return Y - low_rank.T
 
     return solve_m
 
@@ -149,7 +156,7 @@ def block_gram(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> T
     for i, (Bi, si, orthogonal) in enumerate(parts):
         rows = slice(starts[i], starts[i] + sizes[i])
         if orthogonal:
-            G[rows, rows] = torch.diag(Bi.double().square().sum(0) * si**2)
+            G[rows, rows] = torch.diag((Bi * Bi).sum(0).double() * si**2)  # in ``dtype``, as the products
         else:
             G[rows, rows] = gram(Bi, dtype) * si**2
         for j in range(i + 1, len(parts)):
