@@ -199,6 +199,13 @@ def test_only_a_stage_with_large_updates_hands_memory_back(monkeypatch):
     recorder.add("d.site", "d", SimpleNamespace(delta=small, report=report))  # counted afresh per stage
     recorder.stage_done("d")
     assert calls == [1]
+    # K/V sites share their stage's A: it is counted once, so sixteen sites with small B stay below the mark
+    shared = torch.zeros(rank // 4, 3072, dtype=torch.float64)
+    for i in range(16):
+        recorder.add(f"e.site{i}", "e", SimpleNamespace(
+            delta=LowRankDelta(torch.zeros(64, rank // 4, dtype=torch.float64), shared), report=report))
+    recorder.stage_done("e")
+    assert calls == [1]
 
 
 def test_auto_keeps_the_preserve_padding_only_where_no_caption_summary_keeps_the_window():

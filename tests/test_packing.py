@@ -90,9 +90,10 @@ def _solve(plan, monkeypatch, *, pack: bool, merge: bool):
     with monkeypatch.context() as m:
         if not pack:
             m.setattr(PG, "pack_prefixes", lambda ids, last: None)
-        if not merge:
+        if not merge:  # neither the soft columns' copies nor the final stage's equal preserve columns
             m.setattr(PG, "_merge_soft", lambda positions, soft, ids, causal: (
                 torch.arange(len(soft)), torch.ones(len(soft), dtype=torch.float64)))
+            m.setattr(PG, "merge_equal_columns", lambda P, *alongside: (P, *alongside))
         return {s.key: s.delta.dense() for s in PG.solve_erasure(base.model, plan).sites}
 
 
@@ -106,12 +107,16 @@ def _close(a: dict, b: dict, tol: float, first: float = 1e-6) -> None:
 
 
 def test_the_solve_is_the_same_with_the_tree_and_with_merged_columns(monkeypatch):
+    """The tree (target pass, and the preserve pass, which reads a shared position once) and the merged columns
+    (soft copies, the final stage's equal preserve columns) leave the solve as it is without them."""
     plan = plan_from_recipe(_DEMO)
     assert plan.soft_pairs  # the demo's misspellings: soft columns, some of them copies
     reference = _solve(plan, monkeypatch, pack=False, merge=False)
     # the tree's layout rounds the float32 forward pass differently, hence the first stage's 1e-5
     _close(_solve(plan, monkeypatch, pack=True, merge=False), reference, 1e-4, first=1e-5)
-    _close(_solve(plan, monkeypatch, pack=False, merge=True), reference, 1e-4, first=1e-5)
+    # the final stage's Gram is taken in float32, and its rounding alone moves this tiny model's K/V updates by
+    # up to 2e-4 (measured: the same merged columns with a float64 Gram); the merge reorders that rounding
+    _close(_solve(plan, monkeypatch, pack=False, merge=True), reference, 3e-4, first=1e-5)
 
 
 def test_a_soft_column_twice_at_half_weight_is_the_column_once():
@@ -136,8 +141,9 @@ def test_a_soft_column_twice_at_half_weight_is_the_column_once():
 
 def test_the_preserve_pass_runs_on_the_prefix_tree_and_captures_what_the_rectangular_pass_does(monkeypatch):
     """The preserve prompts (concepts × templates) share their templates' prefixes; cut after each prompt's
-    end-of-text token, the pass runs on their tree and every stage's ``P``, ``W P`` and the read rows of the
-    sequence output are those of the rectangular pass."""
+    end-of-text token, the pass runs on their tree, which reads a shared position once (a column read k times is
+    kept as the column times √k): every stage's ``P Pᵀ`` and ``P (W P)ᵀ`` — all a solve forms from them — and the
+    read rows of the sequence output are those of the rectangular pass."""
     base = E.load_base(_DEMO)
     te = base.model.text_encoders[0]
     plan = plan_from_recipe(_DEMO)
@@ -154,8 +160,10 @@ def test_the_preserve_pass_runs_on_the_prefix_tree_and_captures_what_the_rectang
             plain, (plain_seq, _) = PG._preserve_captures(te, stages, tokens.preserve.ids, tokens)
     assert tree.keys() == plain.keys() == {s.name for s in stages}
     for name in tree:
-        for a, b in zip(tree[name], plain[name]):
-            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+        (P, WP), (P0, WP0) = tree[name], plain[name]
+        assert P.shape[1] == WP.shape[1] < P0.shape[1] == WP0.shape[1], name  # fewer columns, alike in both
+        for a, b in ((P @ P.T, P0 @ P0.T), (P @ WP.T, P0 @ WP0.T)):
+            assert torch.allclose(a.double(), b.double(), atol=1e-4 * float(b.abs().max()), rtol=1e-4), name
     rows, pos = tokens.preserve_positions
     assert torch.allclose(tree_seq[rows, pos], plain_seq[rows, pos], atol=1e-5, rtol=1e-5)
 

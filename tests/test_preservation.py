@@ -114,6 +114,26 @@ def test_caption_summaries_are_cached_and_a_bad_entry_is_recomputed(tmp_path, mo
     assert not torch.equal(eos["s1"], _summaries(model, captions[:20])["s1"])
 
 
+def test_a_cache_entry_whose_columns_are_not_orthogonal_is_recomputed(tmp_path, monkeypatch, caplog):
+    """The solver takes a summary's columns as orthogonal (its Gram block as the diagonal); an entry that is not is
+    not used."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("ERASEPRO_CACHE", str(tmp_path))
+    _, model = load_builtin("tiny-sd")
+    captions = [Prompt(c) for c in banks.captions("default-v1")[:40]]
+    fresh = _summaries(model, captions)
+    path, = (tmp_path / "captions").iterdir()
+    assert all(preservation._orthogonal(t) for t in fresh.values())
+    skewed = {name: t + 0.5 * t[:, :1] for name, t in load_file(path).items()}  # every column leans on the first
+    assert not any(preservation._orthogonal(t) for t in skewed.values())
+    save_file(skewed, str(path))
+    with caplog.at_level(logging.WARNING):
+        again = _summaries(model, captions)
+    assert "not orthogonal" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(fresh.values(), again.values()))
+
+
 def test_the_cache_key_covers_the_embedding_rows_the_captions_read_and_no_other(tmp_path, monkeypatch):
     """The key hashes only the token-embedding rows the captions' ids select: a change to another row leaves the
     summaries as they are (recomputed, bit for bit) and the key with them; a change to a row they read does not."""

@@ -63,11 +63,12 @@ def summarize(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return (U[:, :keep] * values[:keep].sqrt()).float().contiguous()
 
 
-#: module → (what its tensors are now, the sha256 of all of them but the token-embedding table's values): hashing
-#: a CLIP-L encoder takes most of a second, and compare and the benchmarks solve many times on one loaded model
-#: (the rows a caption set reads are hashed per call: a few thousand rows). An in-place change of a weight bumps
-#: its version counter, a new tensor has a new address: either makes the entry stale.
-_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+#: module → (what its tensors are now, the sha256 of all of them but the token-embedding table's values, and per
+#: set of token ids the sha256 of the table rows it reads): hashing a CLIP-L encoder takes most of a second, its
+#: rows a caption set reads some milliseconds, and compare and the benchmarks solve many times on one loaded model.
+#: An in-place change of a weight bumps its version counter, a new tensor has a new address: either makes the entry
+#: stale.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str, dict[str, str]]]" = weakref.WeakKeyDictionary()
 
 
 def _token_embedding(module: torch.nn.Module) -> torch.Tensor | None:
@@ -106,16 +107,20 @@ def _module_fingerprint(module: torch.nn.Module, ids: torch.Tensor) -> str:
                 continue  # its rows are hashed below, per set of ids
             data = data.to("cpu").contiguous()
             digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")  # the buffer itself: no copy
-        known = (now, digest.hexdigest())
+        known = (now, digest.hexdigest(), {})
         _FINGERPRINTS[module] = known
     if table is None:
         return known[1]
     rows = torch.unique(ids.detach().to("cpu", torch.long))
+    seen = known[2].get(key := hashlib.sha256(rows.numpy().tobytes()).hexdigest())
+    if seen is not None:
+        return seen
     read = table.detach().index_select(0, rows.to(table.device)).to("cpu").contiguous()
     digest = hashlib.sha256(known[1].encode())
     digest.update(rows.numpy().tobytes())
     digest.update(read.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    known[2][key] = digest.hexdigest()
+    return known[2][key]
 
 
 def _fingerprint(models: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> str:
@@ -150,7 +155,30 @@ def _load(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
     if set(tensors) != set(names) or any(t.ndim != 2 or t.dtype != torch.float32 for t in tensors.values()):
         logger.warning("ignoring a caption cache entry of the wrong shape: %s", path)
         return None
+    stat = path.stat()
+    stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+    if stamp not in _ORTHOGONAL:
+        if not all(map(_orthogonal, tensors.values())):
+            logger.warning("ignoring a caption cache entry whose columns are not orthogonal: %s", path)
+            return None
+        _ORTHOGONAL.add(stamp)
     return tensors
+
+
+#: cache entries (path, mtime, size) whose summaries were found orthogonal in this process
+_ORTHOGONAL: set[tuple[str, int, int]] = set()
+
+
+def _orthogonal(S: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Whether the columns of a stored summary are orthogonal, as the solver takes them to be (it reads their Gram
+    matrix as its diagonal, :class:`~erasepro_hub.solver.metric.Orthogonal`): ``Sᵀ S g = diag(SᵀS) g`` for a fixed
+    pseudo-random ``g`` (two matrix-vector products; a stored eigenbasis meets it to the float32 rounding)."""
+    if S.shape[1] == 0:
+        return True
+    S = S.double()
+    g = torch.randn(S.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = S.square().sum(0) * g
+    return bool(torch.isfinite(want).all()) and float((S.T @ (S @ g) - want).norm()) <= tol * float(want.norm())
 
 
 def _store(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:

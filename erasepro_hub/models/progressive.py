@@ -50,7 +50,15 @@ import torch
 from torch import nn
 
 from ..errors import ManifestError, PromptError
-from ..solver import LowRankDelta, SolveReport, factorize_uce, factorize_zero_residual, iter_solve_shared, solve
+from ..solver import (
+    LowRankDelta,
+    SolveReport,
+    factorize_uce,
+    factorize_zero_residual,
+    iter_solve_shared,
+    merge_equal_columns,
+    solve,
+)
 from .base import EditModel, TextEncoder, get_module, prompt_embeddings, run_encoder
 from .conditioning import (
     compose,
@@ -353,10 +361,13 @@ class _Recorder:
         self.keep = keep
         self.keep_seconds = 0.0  # time in ``keep``: storage, not the solve
         self.stage_bytes = 0  # the float64 updates of the stage under way: how large its working set was
+        self._last_A: torch.Tensor | None = None  # the K/V sites of a stage share one A: counted once
 
     def add(self, key: str, stage: str, result) -> None:
         delta = result.delta
-        self.stage_bytes += sum(t.numel() * t.element_size() for t in (delta.B, delta.A))
+        shared = delta.A is self._last_A
+        self.stage_bytes += sum(t.numel() * t.element_size() for t in ((delta.B,) if shared else (delta.B, delta.A)))
+        self._last_A = delta.A
         if self.keep is not None:
             start = time.perf_counter()
             delta = self.keep(key, delta)
@@ -368,6 +379,7 @@ class _Recorder:
         if self.stage_bytes >= TRIM_BYTES:
             _return_freed_memory()
         self.stage_bytes = 0
+        self._last_A = None
         if self.progress is not None:
             self.progress(name)
 
@@ -553,8 +565,9 @@ def _preserve_captures(
     te: TextEncoder, stages: list[_Stage], ids: torch.Tensor, tokens: _EncoderTokens
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple]:
     """Through the original encoder: each stage's preserve inputs ``P`` and ``W P`` (``d × M``, ``m × M``, in the
-    model's dtype: every stage's are held until the target pass reaches it), and the preserve prompts'
-    ``(sequence output, pooled output)``.
+    model's dtype: every stage's are held until the target pass reaches it; on the prefix tree, the column of a
+    position several prompts share is read once, times √(prompts): the BOS and a template's prefix), and the
+    preserve prompts' ``(sequence output, pooled output)``.
 
     Preservation keeps the inputs the preserve prompts have in the **original** model, as the caption summary
     does (:mod:`.preservation`): what should stay is what the model did before the erasure, and the preserve
@@ -568,14 +581,19 @@ def _preserve_captures(
     # an uncut pass is rectangular: its whole window is what the metrics reuse (solve_erasure's ``kept``)
     cut = ids.shape[1] < tokens.preserve.length
     packed = _packed(te, ids, tokens.preserve.length, *where.values()) if cut else None
-    if packed is not None:  # the hooks then read the packed batch
-        where = {eos: packed.locate(*rows_pos) for eos, rows_pos in where.items()}
+    copies = {eos: None for eos in where}
+    if packed is not None:  # the hooks then read the packed batch, each position of the tree once
+        for eos, rows_pos in where.items():
+            rows, pos, index = _distinct(*packed.locate(*rows_pos))
+            where[eos], copies[eos] = (rows, pos), torch.bincount(index, minlength=len(rows)).sqrt()[:, None]
 
     def hook(stage: _Stage, mod, args, output):
         rows, pos = where[stage.eos]
         bias = _bias(mod)
         plain = output - bias if bias is not None else output  # W p
-        captured[stage.name] = (_gather(args[0], rows, pos).T, _gather(plain, rows, pos).T)
+        P, WP = _gather(args[0], rows, pos), _gather(plain, rows, pos)
+        scale = copies[stage.eos]  # a column read k times is the column once times √k (merge_equal_columns)
+        captured[stage.name] = (P.T, WP.T) if scale is None else ((P * scale.to(P.dtype)).T, (WP * scale.to(WP.dtype)).T)
 
     with ExitStack() as hooks:
         for stage in stages:
@@ -584,7 +602,7 @@ def _preserve_captures(
         return captured, _run(te, ids, packed)
 
 
-def _run(te: TextEncoder, ids: torch.Tensor, packed: PackedPrompts | None) -> tuple:
+def _run(te: TextEncoder, ids: torch.Tensor, packed: PackedPrompts | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The encoder's ``(sequence output, pooled output)`` for ``ids``, run on their prefix tree where ``packed`` is
     given (the sequence output then holds the positions the tree reads, zero elsewhere)."""
     if packed is None:
@@ -851,6 +869,7 @@ def solve_erasure(
     Xm = joint([o[0] for o in edited], rows=final.t_rows, pos=final.t_pos)
     Ym = joint([o[0] for o in original], rows=final.a_rows, pos=final.a_pos)
     Pm = joint([o[0] for o in preserved], rows=tokens.final_preserve[0], pos=tokens.final_preserve[1]) if preserved else None
+    Pm = merge_equal_columns(Pm.T)[0].T if Pm is not None else None  # the preserve pass's repeated columns, once
     stage = MMDIT_STAGE if model.conditioning.sequence_sites else FINAL_STAGE
     _final_sites(plan, model.kv_weights, Xm, Ym, Pm, tokens.final_soft, tokens.final_weight, summaries.get(FINAL_STAGE), recorder, stage)
     if model.pooled_weights:  # one row per prompt: the pooled vector

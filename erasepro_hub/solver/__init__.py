@@ -24,6 +24,7 @@ from .closed_form import (
     uce_update,
 )
 from .delta import LowRankDelta
+from .metric import merge_equal_columns
 
 __all__ = [
     "DEFAULT_RESIDUAL_TOL",
@@ -36,6 +37,7 @@ __all__ = [
     "factorize_uce",
     "factorize_zero_residual",
     "iter_solve_shared",
+    "merge_equal_columns",
     "solve",
     "solve_shared",
     "uce_update",

@@ -724,26 +724,28 @@ def _each_site(
     # to the preserve inputs; "already met" (no exact part stored) is decided as solve decides it, per site
     miss = (Y - fact.X) - base.B @ (base.A @ fact.X) if base.rank else Y - fact.X
     AP = base.A @ fact.P if fact.P is not None and base.rank else None
-    PT32 = fact.P.T.to(torch.float32).contiguous() if fact.P is not None else None
     factored = base.rank and base.rank <= d and not _is_identity(base.B)
     gram = base.A @ base.A.T if factored else None
     n = Y.shape[1]
-    # every site's products in one: W Y, what the site still misses, its exact residual, and W B_I (its update's
-    # left factor) where the shared update is factored; taken as (Rᵀ Wᵀ)ᵀ, the faster way round for a skinny R
-    right = torch.cat([Y, miss, R_exact, *([base.B] if factored else [])], dim=1).T.contiguous()
+    # what a site reports are norms — ||W Y||, what it still misses ||W miss||, its exact residual ||W R_exact||,
+    # ||W P|| — read in float32 from one product with the weight as stored (the features came in float32); only its
+    # update's left factor W B_I is formed in float64. Skinny products are taken as (Rᵀ Wᵀ)ᵀ, the faster way round.
+    parts = [Y, miss, R_exact, *([fact.P] if fact.P is not None else [])]
+    narrow = torch.cat(parts, dim=1).T.to(torch.float32).contiguous()
+    left = base.B.T.contiguous() if factored else None
     buffer = torch.empty(0, dtype=torch.float64, device=Y.device)  # W in float64, one allocation for every site
     for key, weight in weights.items():
         if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != d:
             raise ValueError(f"{key}: W{tuple(getattr(weight, 'shape', ()))} does not read inputs of width {d}")
         m = weight.shape[0]
+        norms = (narrow @ weight.detach().to(torch.float32).T).T
+        if not torch.isfinite(norms).all():
+            raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
+        t_norm = float(torch.linalg.matrix_norm(norms[:, :n].double()))
+        met = fact.exact and float(torch.linalg.matrix_norm(norms[:, 2 * n : 3 * n].double())) <= residual_tol * t_norm
         if buffer.numel() < m * d:
             buffer = torch.empty(m * d, dtype=torch.float64, device=Y.device)
         W = buffer[: m * d].view(m, d).copy_(weight.detach())
-        products = (right @ W.T).T
-        if not torch.isfinite(products).all():
-            raise ValueError(f"the update at {key} is not finite: W holds NaN or infinite values")
-        t_norm = float(torch.linalg.matrix_norm(products[:, :n]))
-        met = fact.exact and float(torch.linalg.matrix_norm(products[:, 2 * n : 3 * n])) <= residual_tol * t_norm
         if met != shared_met:  # this site's W decides "already met" the other way: solve it on its own
             yield key, solve(
                 fact, weight, W @ Y, T_soft=W @ Y_soft if soft is not None else None, strict=strict,
@@ -751,7 +753,7 @@ def _each_site(
             )
             continue
         delta_norm = 0.0
-        B = (products[:, 3 * n :].contiguous() if factored else W @ base.B) if base.rank else None
+        B = ((left @ W.T).T.contiguous() if factored else W @ base.B) if base.rank else None
         if B is None or not torch.any(B):  # nothing to change at this site: the zero update, rank 0
             delta, B = LowRankDelta.zeros(m, d), None
         elif base.rank > min(m, d):
@@ -759,11 +761,11 @@ def _each_site(
         else:
             delta = LowRankDelta(B, base.A)
             delta_norm = _frobenius(B, gram) if gram is not None else float(torch.linalg.matrix_norm(B @ base.A))
-        miss_norm = float(torch.linalg.matrix_norm(products[:, n : 2 * n]))
+        miss_norm = float(torch.linalg.matrix_norm(norms[:, n : 2 * n].double()))
         residual = miss_norm / t_norm if t_norm > 0 else miss_norm
         preserve_residual = None
-        if fact.P is not None:  # ||W P|| in the features' float32, as the stage computed W P
-            wp = float(torch.linalg.matrix_norm((PT32 @ weight.detach().to(torch.float32).T).double()))
+        if fact.P is not None:  # ||ΔW P|| / ||W P||
+            wp = float(torch.linalg.matrix_norm(norms[:, 3 * n :].double()))
             dp = float(torch.linalg.matrix_norm(B @ AP)) if B is not None else 0.0
             preserve_residual = dp / wp if wp > 0 else dp
         report = _report(

@@ -118,27 +118,73 @@ def cholesky_of_metric(G: Tensor) -> Tensor:
 def metric_solver(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
     """``Y ↦ M⁻¹ Y`` for ``M = I + Q Qᵀ``, ``Q`` the column ``blocks`` side by side: Woodbury (a ``k × k`` Cholesky)
     while ``Q`` is narrower than the input, the ``d × d`` Cholesky otherwise; Gram matrices taken in ``dtype``
-    (:func:`gram`)."""
+    (:func:`gram`). An :class:`Orthogonal` block's own Gram block is diagonal, so Woodbury eliminates it first:
+    the Cholesky is that of the other blocks' Schur complement (:func:`_schur_solver`)."""
     d, k = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
     if k >= d:
         L = metric_cholesky(blocks, dtype)
         return lambda Y: torch.cholesky_solve(Y, L)
+    orthogonal = [b for b in blocks if isinstance(b, Orthogonal)]
+    if len(orthogonal) == 1:
+        return _schur_solver([b for b in blocks if not isinstance(b, Orthogonal)], orthogonal[0], dtype)
     L = cholesky_of_metric(block_gram(blocks, dtype))  # I + Qᵀ Q
     # Q is never put together: each block, in float64, reads and writes its own rows of the k × n middle (float32
     # products here would leave the constraints to the refinement of solve: the update is Y less a near copy of it)
     parts = [(columns.to(torch.float64), scale) for columns, scale in map(_columns, blocks)]
 
     def solve_m(Y: Tensor) -> Tensor:
-        # skinny products are taken with the narrow operand on the left, as (Yᵀ B)ᵀ and (innerᵀ Bᵀ)ᵀ: BLAS runs
-        # them several times faster that way round than as Bᵀ Y and B inner
         YT = Y.T.contiguous()
-        inner = torch.cholesky_solve(torch.cat([(YT @ B).T * scale for B, scale in parts]), L)
-        start, low_rank = 0, None  # Q (I + QᵀQ)⁻¹ Qᵀ Y, transposed
-        for B, scale in parts:
-            rows = inner[start : start + B.shape[1]] * scale
-            low_rank = rows.T @ B.T if low_rank is None else low_rank.addmm_(rows.T, B.T)
-            start += B.shape[1]
-        return Y - low_rank.T
+        inner = torch.cholesky_solve(_times_y(parts, YT), L)
+        return Y - _low_rank(parts, inner).T
+
+    return solve_m
+
+
+def _times_y(parts: Sequence[tuple[Tensor, float]], YT: Tensor) -> Tensor:
+    """``Qᵀ Y`` (``k × n``) from ``Yᵀ``: skinny products are taken with the narrow operand on the left, as ``(Yᵀ B)ᵀ``
+    and ``(innerᵀ Bᵀ)ᵀ`` (:func:`_low_rank`); BLAS runs them several times faster that way round."""
+    return torch.cat([(YT @ B).T * scale for B, scale in parts])
+
+
+def _low_rank(parts: Sequence[tuple[Tensor, float]], inner: Tensor) -> Tensor:
+    """``(Q inner)ᵀ`` (``n × d``), ``inner`` the ``k × n`` rows of the blocks in order."""
+    start, out = 0, None
+    for B, scale in parts:
+        rows = inner[start : start + B.shape[1]] * scale
+        out = rows.T @ B.T if out is None else out.addmm_(rows.T, B.T)
+        start += B.shape[1]
+    return out
+
+
+def _schur_solver(others: Sequence[Block], orthogonal: Orthogonal, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """:func:`metric_solver` with one :class:`Orthogonal` block ``O`` among the others ``B``: ``I + QᵀQ`` is
+    ``[[I + BᵀB, C], [Cᵀ, I + D]]`` with ``C = Bᵀ O`` and ``D`` the diagonal ``OᵀO``, so its Cholesky is that of the
+    Schur complement ``K = I + BᵀB − C (I + D)⁻¹ Cᵀ``, as wide as the other blocks (the preserve prompts' columns,
+    against the caption summary's 256 more), and the inner solve is
+    ``i_B = K⁻¹ (Bᵀy − C (I + D)⁻¹ Oᵀy)``, ``i_O = (I + D)⁻¹ (Oᵀy − Cᵀ i_B)``."""
+    columns, scale = _columns(orthogonal)
+    O = columns.to(dtype)
+    over = 1.0 / (1.0 + (O * O).sum(0).double() * scale**2)  # (I + D)⁻¹, D in ``dtype`` as the products
+    if not torch.isfinite(over).all():
+        raise ValueError("the preserve features (preserve prompts or caption summary) contain NaN or infinite values")
+    parts = [(b.to(torch.float64), s) for b, s in map(_columns, others)]
+    L = None
+    if others:
+        corner = torch.cat([(b.to(dtype).T @ O).double() * (s * scale) for b, s in map(_columns, others)])  # C
+        L = cholesky_of_metric(block_gram(others, dtype) - (corner * over) @ corner.T)  # K
+    O64 = columns.to(torch.float64)
+    both = [*parts, (O64, scale)]
+
+    def solve_m(Y: Tensor) -> Tensor:
+        YT = Y.T.contiguous()
+        rows = _times_y(both, YT)  # [Bᵀy; Oᵀy]
+        split = rows.shape[0] - O64.shape[1]
+        o = rows[split:] * over[:, None]
+        if L is not None:
+            inner_b = torch.cholesky_solve(rows[:split] - corner @ o, L)
+            o = o - (corner.T @ inner_b) * over[:, None]
+            o = torch.cat([inner_b, o])
+        return Y - _low_rank(both, o).T
 
     return solve_m
 
@@ -166,6 +212,48 @@ def block_gram(blocks: Sequence[Block], dtype: torch.dtype = torch.float64) -> T
             G[rows, cols] = corner
             G[cols, rows] = corner.T
     return G
+
+
+_PROBES: dict[tuple[int, str], Tensor] = {}
+
+
+def _probe(d: int, device: str) -> Tensor:
+    """A fixed pseudo-random float64 vector of length ``d``: column ``j`` of a matrix hashes to ``probe · p_j``."""
+    if (d, device) not in _PROBES:
+        _PROBES[d, device] = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    return _PROBES[d, device]
+
+
+def merge_equal_columns(P: Tensor, *alongside: Tensor) -> tuple[Tensor, ...]:
+    """``P`` (``d × M``) with each set of bit-for-bit equal columns as one column times √(copies), in the order they
+    first appear, and the columns of ``alongside`` (``· × M`` each) taken and scaled alike.
+
+    Every use a solve makes of preserve features is unchanged by it: the metric's ``λ P Pᵀ``, the norms
+    ``||ΔW P||`` and ``||W P||`` are sums over columns of squares, and ``ΔW p = 0`` holds for a column exactly when
+    it holds for a multiple of it. Preserve prompts repeat columns: a causal encoder gives every one of them the same
+    BOS column, and the prompts of one template share the columns of its prefix (about half of them, on SD-1.5
+    shapes). Columns are grouped by a hash, ``probe · p``, and merged only where they are equal.
+    """
+    m = P.shape[1]
+    if m < 2:
+        return (P, *alongside)
+    first: dict[float, int] = {}
+    firsts = [first.setdefault(key, j) for j, key in enumerate((_probe(P.shape[0], str(P.device)) @ P.double()).tolist())]
+    copies = [j for j, f in enumerate(firsts) if f != j]
+    if not copies:
+        return (P, *alongside)
+    rows = P.T  # the columns as rows: preserve features come as the transpose of gathered rows, so a row gather
+    pick = torch.tensor(copies, device=P.device)
+    equal = (rows[pick] == rows[torch.tensor([firsts[j] for j in copies], device=P.device)]).all(dim=1).tolist()
+    for j, same in zip(copies, equal):
+        if not same:  # a hash shared by unequal columns: kept apart
+            firsts[j] = j
+    counts: dict[int, int] = {}
+    for f in firsts:
+        counts[f] = counts.get(f, 0) + 1
+    keep = torch.tensor(list(counts), device=P.device)  # in the order the columns first appear
+    scale = torch.tensor(list(counts.values()), dtype=torch.float64).sqrt()
+    return tuple((t.T[keep] * scale.to(device=t.device, dtype=t.dtype)[:, None]).T for t in (P, *alongside))
 
 
 def with_columns(
