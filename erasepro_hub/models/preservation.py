@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import weakref
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -95,10 +96,11 @@ def _module_fingerprint(module: torch.nn.Module, ids: torch.Tensor) -> str:
     def is_table(t: torch.Tensor) -> bool:  # (T5 ties two state entries to one table: both are the table)
         return table is not None and t.data_ptr() == table.data_ptr() and t.shape == table.shape
 
-    state = sorted(module.state_dict().items())
-    now = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state)
+    # what the tensors are now, read without building a state dict (the hash below reads that, when it is stale)
+    now = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in chain(module.parameters(), module.buffers()))
     known = _FINGERPRINTS.get(module)
     if known is None or known[0] != now:
+        state = sorted(module.state_dict().items())
         digest = hashlib.sha256()
         for name, tensor in state:
             data = tensor.detach()
@@ -214,7 +216,8 @@ def caption_summaries(
     """
     encoded = model.encode(captions)
     ids = [e.ids for e in encoded]
-    where = {name: (te.component, module_name(te, module), at_eos) for name, (te, module, at_eos) in stages.items()}
+    names_in = {te.component: _module_names(te) for te, _, _ in stages.values()}
+    where = {name: (te.component, names_in[te.component][id(module)], at_eos) for name, (te, module, at_eos) in stages.items()}
     finals = {final_stage: ("embedding",), **({pooled_stage: ("pooled",)} if pooled_stage else {})}
     key = _cache_key(model, ids, {**where, **finals}, policy, rank)
     path = cache_dir() / "captions" / f"{key}.safetensors"
@@ -269,8 +272,6 @@ def _rows(encoded: Encoded, start: int, size: int) -> Encoded:
     return Encoded(encoded.ids[start:stop], encoded.tokens[start:stop], encoded.eos[start:stop], encoded.starts[start:stop])
 
 
-def module_name(te: TextEncoder, module: torch.nn.Module) -> str:
-    for name, candidate in te.model.named_modules():
-        if candidate is module:
-            return name
-    raise KeyError("module not in the encoder")  # pragma: no cover - stages come from the encoder itself
+def _module_names(te: TextEncoder) -> dict[int, str]:
+    """``id(module) → its name`` for every module of the encoder (the stages' sites come from it)."""
+    return {id(module): name for name, module in te.model.named_modules()}
