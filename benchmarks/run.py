@@ -322,11 +322,14 @@ def solve_ratios(repeats: int) -> dict:
     peer_edit()
     text_pass()
     solutions = {}
-    # interleave the variants so that machine noise hits them alike
+    # interleave the variants so that machine noise hits them alike, in an order rotated at each repeat: the one
+    # solved first after the peer's edit (a whole pipeline's allocations given back) is not always the same
     samples: dict[str, list[float]] = {name: [] for name in [*variants, "ref_uce"]}
     text_samples = []
-    for _ in range(repeats):
-        for name, variant in variants.items():
+    names = list(variants)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            variant = variants[name]
             start = time.perf_counter()
             solutions[name] = solve_erasure(base.model, variant)
             samples[name].append(time.perf_counter() - start)
