@@ -385,6 +385,10 @@ def test_equal_columns_merge_into_one_column_times_the_root_of_their_copies(monk
     assert torch.allclose(merged_wp.norm(), WP.norm())
     distinct = torch.randn(30, 4, generator=g)
     assert merge_equal_columns(distinct)[0] is distinct
+    with pytest.raises(ValueError, match="M columns"):
+        merge_equal_columns(P, WP[:, :4])
+    with pytest.raises(ValueError, match="d × M"):
+        merge_equal_columns(a)
     # columns that share a hash but are not equal are kept apart
     monkeypatch.setattr(metric, "_probe", lambda d, device: torch.zeros(d, dtype=torch.float64))
     kept, = merge_equal_columns(torch.stack([a, b, a], dim=1))

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -32,7 +32,6 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ManifestError
 from .limits import MAX_MANIFEST_BYTES, MAX_YAML_DEPTH
 from .schema import Manifest, Recipe
-
 
 #: settings added to schema 1 after folders were published: (section, key) -> the behaviour before it
 SETTINGS_ADDED: dict[tuple[str, str], Any] = {

@@ -170,8 +170,9 @@ def _schur_solver(others: Sequence[Block], orthogonal: Orthogonal, dtype: torch.
     parts = [(b.to(torch.float64), s) for b, s in map(_columns, others)]
     L = None
     if others:
-        corner = torch.cat([(b.to(dtype).T @ O).double() * (s * scale) for b, s in map(_columns, others)])  # C
-        L = cholesky_of_metric(block_gram(others, dtype) - (corner * over) @ corner.T)  # K
+        narrow = [Scaled(b.to(dtype), s) for b, s in map(_columns, others)]  # cast once, for C and for BᵀB
+        corner = torch.cat([(b.columns.T @ O).double() * (b.scale * scale) for b in narrow])  # C
+        L = cholesky_of_metric(block_gram(narrow, dtype) - (corner * over) @ corner.T)  # K
     O64 = columns.to(torch.float64)
     both = [*parts, (O64, scale)]
 
@@ -234,6 +235,11 @@ def merge_equal_columns(P: Tensor, *alongside: Tensor) -> tuple[Tensor, ...]:
     BOS column, and the prompts of one template share the columns of its prefix (about half of them, on SD-1.5
     shapes). Columns are grouped by a hash, ``probe · p``, and merged only where they are equal.
     """
+    if P.ndim != 2 or any(t.ndim != 2 or t.shape[1] != P.shape[1] for t in alongside):
+        raise ValueError(
+            f"merge_equal_columns needs a d × M matrix and matrices of M columns beside it, got {tuple(P.shape)} and "
+            f"{[tuple(t.shape) for t in alongside]}"
+        )
     m = P.shape[1]
     if m < 2:
         return (P, *alongside)
